@@ -1,0 +1,106 @@
+"""The ``initstudy`` command: parses arguments and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .config import RunConfig
+from .errors import InitStudyError
+from .schemes import DEFAULT_SCHEMES, SCHEMES
+from .train import train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="How weight initialisation changes the training of the document's LeNet.")
+_D = RunConfig()  # option defaults come from the config, the single source of truth
+
+
+def _clean_errors(command: Callable) -> Callable:
+    """Turn user-facing errors into one line on stderr and exit status 2, Ctrl-C into 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InitStudyError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+def schemes() -> None:
+    """List the init schemes: effect on conv weights, linear weights, biases; parameters."""
+    table = Table(title="init schemes (* compared by default)")
+    for column in ("name", "conv weights", "linear weights", "biases", "parameters"):
+        table.add_column(column, overflow="fold")
+    for scheme in SCHEMES.values():
+        params = ", ".join(f"{k}={'(required)' if p.default is None else p.default}"
+                           for k, p in scheme.params.items())
+        mark = "*" if scheme.name in DEFAULT_SCHEMES else ""
+        cells = (scheme.name + mark, scheme.conv, scheme.linear, scheme.biases, params)
+        table.add_row(*map(escape, cells))  # '[a, b]' is text, not rich markup
+    Console(width=max(140, Console().width)).print(table)
+    typer.echo("bias policy: zeros | keep (PyTorch default) | a number.  Your own function: "
+               "--scheme module.path:function or --scheme path/to/file.py:function")
+
+
+@app.command()
+@_clean_errors
+def run(
+    scheme: str = typer.Option(_D.scheme, help="Init scheme spec, e.g. kaiming, "
+                               "normal:std=0.01, mymodule:init_weights."),
+    seed: int = typer.Option(_D.seed, help="Init seed (and data seed unless --data-seed)."),
+    data_seed: Optional[int] = typer.Option(None, help="Seed of batch order and dropout."),
+    dataset: str = typer.Option(_D.dataset, help="mnist | fashion-mnist | mnist-sample."),
+    data_dir: Optional[str] = typer.Option(None, help="Root holding MNIST/raw or "
+                                           "FashionMNIST/raw (else $INITSTUDY_DATA, cache)."),
+    strict_data: bool = typer.Option(_D.strict_data, help="Refuse the mnist-sample fallback."),
+    train_subset: Optional[int] = typer.Option(None, help="Train on a stratified subset of "
+                                               "N images."),
+    subset_seed: int = typer.Option(_D.subset_seed, help="Seed of the subset choice."),
+    epochs: int = typer.Option(_D.epochs),
+    batch_size: int = typer.Option(_D.batch_size),
+    optimizer: str = typer.Option(_D.optimizer, help="sgd | adam."),
+    lr: float = typer.Option(_D.lr, help="Learning rate."),
+    momentum: float = typer.Option(_D.momentum, help="SGD momentum."),
+    weight_decay: float = typer.Option(_D.weight_decay),
+    loss: str = typer.Option(_D.loss, help="ce (from logits) | prob-ce (CrossEntropyLoss on "
+                             "the softmax output, the double softmax)."),
+    device: str = typer.Option(_D.device, help="auto | cpu | cuda | cuda:N."),
+    log_every: int = typer.Option(_D.log_every, help="Steps between train/loss records."),
+    out: Optional[str] = typer.Option(None, help="Run folder [default: runs/<scheme>-s<seed>]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train the document's LeNet once under one init scheme and record the run folder."""
+    config = RunConfig(
+        scheme=scheme, seed=seed, data_seed=data_seed, dataset=dataset, data_dir=data_dir,
+        strict_data=strict_data, train_subset=train_subset, subset_seed=subset_seed,
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, loss=loss, device=device, log_every=log_every, out=out,
+        quiet=quiet)
+    summary = train(config)
+    line = (f"{summary['run_name']}: {summary['status']}"
+            f"{' at step ' + str(summary['diverged_step']) if summary['diverged_step'] else ''}"
+            f"  test/acc {summary['test/acc']:.4f} (best {summary['best/test/acc']:.4f})"
+            f"  on {summary['dataset']}  {summary['wall_seconds']:.1f} s"
+            f"  -> {config.run_dir}")
+    typer.echo(line)
+
+
+def main() -> None:
+    app(prog_name="initstudy")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""``RunConfig``: the one typed description of a run, saved as ``config.json`` and sent to wandb."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DATASETS
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam")
+LOSSES = ("ce", "prob-ce")
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run. Fields after ``quiet`` are filled in by the trainer and
+    record what actually ran (dataset after any fallback, device, versions, git commit).
+
+    Defaults (SGD, lr 0.05, momentum 0.9, batch 128, 10 epochs) reach about 99% test accuracy on
+    MNIST with ``kaiming`` and stay stable under most schemes; see the README.
+    """
+
+    scheme: str = "default"  # a spec string, see initstudy.schemes
+    seed: int = 0  # init seed; also the data seed unless data_seed is given
+    data_seed: int | None = None  # batch order and dropout; None means "same as seed"
+    dataset: str = "mnist"  # asked for; see dataset_used
+    data_dir: str | None = None
+    strict_data: bool = False  # refuse the mnist-sample fallback
+    train_subset: int | None = None  # stratified subset of the training set (images)
+    subset_seed: int = 0  # fixed by default, so every run of a study sees the same subset
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    loss: str = "ce"  # "ce": cross-entropy from logits; "prob-ce": CrossEntropyLoss on softmax
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 50  # steps between train/loss records
+    out: str | None = None  # run folder; None means runs/<run name>
+    quiet: bool = False
+    # Resolved by the trainer.
+    dataset_used: str | None = None
+    device_used: str | None = None
+    scheme_params: dict[str, Any] | None = None
+    env: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_data_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def run_name(self) -> str:
+        """``<scheme>-s<seed>``, with the spec made safe for a folder name."""
+        return f"{slug(self.scheme)}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.run_name
+
+    def validate(self) -> None:
+        """Raise ConfigError on any option outside its range."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.momentum >= 0, f"momentum must be non-negative, got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight decay must be non-negative, got {self.weight_decay}"),
+            (self.log_every >= 1, f"log interval must be at least 1, got {self.log_every}"),
+            (self.train_subset is None or self.train_subset >= 1,
+             f"train subset must be at least 1, got {self.train_subset}"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer '{self.optimizer}'; choose from {', '.join(OPTIMIZERS)}"),
+            (self.loss in LOSSES, f"unknown loss '{self.loss}'; choose from {', '.join(LOSSES)}"),
+            (self.dataset in DATASETS,
+             f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def slug(spec: str) -> str:
+    """A folder-safe form of a scheme spec: ``normal:std=0.01`` -> ``normal-std=0.01``."""
+    target, sep, rest = spec.partition(":")
+    if target.endswith(".py"):
+        target = Path(target).stem  # a file path would nest folders
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", target + sep + rest).strip("-")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a usable device, or ConfigError saying why not."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{spec}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"unsupported device '{spec}'; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device '{spec}' asked for, but no CUDA GPU is usable here "
+                          f"(torch.cuda.is_available() is False); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device '{spec}' asked for, but only {count} CUDA device(s) are "
+                          f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+    return device
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What besides the config makes a run reproducible: versions, git commit, host, device."""
+    import torchvision
+
+    from . import __version__
+
+    status = _git("status", "--porcelain")
+    return {
+        "initstudy": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "argv": sys.argv,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

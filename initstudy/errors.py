@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI prints their message as one line, without a traceback."""
+
+
+class InitStudyError(Exception):
+    """Something the user can fix: a bad option, a missing file, an unavailable device."""
+
+
+class SchemeError(InitStudyError):
+    """An unknown scheme, parameter or value, or a user init function that cannot be loaded."""
+
+
+class DataError(InitStudyError):
+    """Missing, corrupt or mismatched data files."""
+
+
+class ConfigError(InitStudyError):
+    """A run option outside its valid range, or an unusable device or output folder."""
+
+
+class RunFailed(InitStudyError):
+    """A run crashed while training; its folder holds status ``failed`` and ``error.txt``."""

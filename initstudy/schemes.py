@@ -1,0 +1,306 @@
+"""Initialisation schemes: a registry of small per-layer functions, and ``apply_scheme``.
+
+A scheme is named by a spec string, as on the command line:
+
+- ``NAME`` or ``NAME:key=value,...`` for a built-in (``normal:std=0.01``);
+- ``module.path:function`` or ``path/to/file.py:function`` for the user's own function,
+  applied with ``model.apply`` exactly as the seed document applies ``init_weights``.
+
+Every built-in acts on each ``Conv2d`` and ``Linear`` layer. Weight schemes take a ``bias``
+parameter, the bias policy: ``zeros`` (default), ``keep`` (PyTorch's default bias init) or a
+number (a constant). Functions that cannot apply to a layer's weight follow a fixed rule:
+
+- ``eye_`` is defined for 2-D tensors only: on a conv weight ``eye`` uses ``dirac_``, the
+  identity of a convolution; ``dirac_`` is defined for 3-5-D tensors only: on a linear weight
+  ``dirac`` uses ``eye_``. Both therefore mean "pass the input through where shapes allow".
+- ``sparse_`` is defined for 2-D tensors only: on a conv weight it acts on the
+  (out, in*kh*kw) matrix view, the same flattening ``orthogonal_`` uses.
+
+Randomness: ``apply_scheme`` runs inside ``torch.random.fork_rng`` seeded with the init seed,
+so every draw (PyTorch's default init, the built-ins, a user's function) comes from a
+generator seeded by that seed alone, and the caller's RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import SchemeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One scheme parameter: its default (``None``: required), a parser and what it accepts."""
+
+    default: Any
+    parse: Callable[[str], Any]
+    accepts: str
+
+
+def _number(accepts: str = "a number") -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)  # ValueError on junk: reported with `accepts`
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _integer(text: str) -> int:
+    return int(text)
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(text)
+        return text
+
+    return parse
+
+
+def _bias_policy(text: str) -> float | str:
+    if text in ("zeros", "keep"):
+        return text
+    return _number()(text)
+
+
+def _float(default: float | None) -> Param:
+    return Param(default, _number(), "a number")
+
+
+BIAS = Param("zeros", _bias_policy, "zeros, keep or a number")
+POLICY = "policy (bias=zeros)"
+FAN_MODE = Param("fan_in", _choice("fan_in", "fan_out"), "fan_in or fan_out")
+NONLINEARITIES = ("linear", "conv2d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A built-in scheme: ``init(layer, **params)`` re-initialises one Conv2d or Linear in place.
+
+    ``conv``, ``linear`` and ``biases`` describe the effect for the ``initstudy schemes`` table.
+    """
+
+    name: str
+    init: Callable[..., None]
+    conv: str
+    linear: str
+    biases: str
+    params: dict[str, Param] = field(default_factory=dict)
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def _register(name: str, init: Callable[..., None], conv: str, linear: str, biases: str,
+              **params: Param) -> None:
+    SCHEMES[name] = Scheme(name, init, conv, linear, biases, params)
+
+
+def _set_bias(layer: nn.Module, bias: float | str) -> None:
+    """Apply a bias policy (see the module docstring) to one layer."""
+    if layer.bias is not None and bias != "keep":
+        nn.init.constant_(layer.bias, 0.0 if bias == "zeros" else bias)
+
+
+def _weight_init(fill: Callable[..., Any]) -> Callable[..., None]:
+    """A per-layer init that calls ``fill(weight, **params)`` and then applies the bias policy."""
+
+    def init(layer: nn.Module, bias: float | str = "zeros", **params: Any) -> None:
+        fill(layer.weight, **params)
+        _set_bias(layer, bias)
+
+    return init
+
+
+def _identity(weight: torch.Tensor, groups: int = 1) -> None:
+    """eye_ on a matrix, dirac_ on a conv kernel: the identity wherever shapes allow."""
+    if weight.dim() == 2:
+        nn.init.eye_(weight)
+    else:
+        nn.init.dirac_(weight, groups=groups)
+
+
+def _sparse(weight: torch.Tensor, sparsity: float, std: float) -> None:
+    nn.init.sparse_(weight.view(weight.shape[0], -1), sparsity=sparsity, std=std)
+
+
+def init_weights(layer):
+    """The seed document's per-layer-type rule, verbatim (applied with ``model.apply``)."""
+    if type(layer) == nn.Conv2d:
+        nn.init.normal_(layer.weight, mean=0, std=0.5)
+    elif type(layer) == nn.Linear:
+        nn.init.uniform_(layer.weight, a=-0.1, b=0.1)
+        nn.init.constant_(layer.bias, 0.1)
+
+
+def _untouched(layer: nn.Module) -> None:
+    """PyTorch's default init: ``apply_scheme`` has already reset every layer with the seed."""
+
+
+_KAIMING_DOC = "He {dist}: std = gain/sqrt(fan), gain from a, nonlinearity"
+
+_register("default", _untouched, "PyTorch default: kaiming_uniform_(a=sqrt(5))",
+          "PyTorch default: kaiming_uniform_(a=sqrt(5))", "PyTorch default: U(+-1/sqrt(fan_in))")
+_register("custom", init_weights, "N(0, 0.5)", "U(-0.1, 0.1)",
+          "linear 0.1; conv PyTorch default (the document's rule)")
+_register("normal", _weight_init(nn.init.normal_), "N(mean, std)", "N(mean, std)", POLICY,
+          mean=_float(0.0), std=_float(1.0), bias=BIAS)
+_register("uniform", _weight_init(nn.init.uniform_), "U(a, b)", "U(a, b)", POLICY,
+          a=_float(0.0), b=_float(1.0), bias=BIAS)
+_register("trunc_normal", _weight_init(nn.init.trunc_normal_), "N(mean, std) cut to [a, b]",
+          "N(mean, std) cut to [a, b]", POLICY,
+          mean=_float(0.0), std=_float(1.0), a=_float(-2.0), b=_float(2.0), bias=BIAS)
+_register("constant", _weight_init(nn.init.constant_), "val", "val", POLICY,
+          val=_float(None), bias=BIAS)
+_register("ones", _weight_init(nn.init.ones_), "1", "1", POLICY, bias=BIAS)
+_register("zeros", _weight_init(nn.init.zeros_), "0", "0", POLICY, bias=BIAS)
+_register("eye", _weight_init(_identity), "dirac_ (eye_ is 2-D only)", "eye_: identity matrix",
+          POLICY, bias=BIAS)
+_register("dirac", _weight_init(_identity), "dirac_: centre tap 1 for channel i -> i",
+          "eye_ (dirac_ is 3-5-D only)", POLICY,
+          groups=Param(1, _integer, "a positive integer dividing out_channels"), bias=BIAS)
+for _name, _fill in (("xavier", nn.init.xavier_uniform_),
+                     ("xavier_uniform", nn.init.xavier_uniform_),
+                     ("xavier_normal", nn.init.xavier_normal_)):
+    _dist = "uniform" if _fill is nn.init.xavier_uniform_ else "normal"
+    _doc = f"Glorot {_dist}: std = gain*sqrt(2/(fan_in+fan_out))"
+    _register(_name, _weight_init(_fill), _doc, _doc, POLICY, gain=_float(1.0), bias=BIAS)
+for _name, _fill, _nonlinearity in (("kaiming", nn.init.kaiming_normal_, "relu"),
+                                    ("kaiming_uniform", nn.init.kaiming_uniform_, "leaky_relu"),
+                                    ("kaiming_normal", nn.init.kaiming_normal_, "leaky_relu")):
+    _doc = _KAIMING_DOC.format(dist="normal" if _fill is nn.init.kaiming_normal_ else "uniform")
+    _register(_name, _weight_init(_fill), _doc, _doc, POLICY, a=_float(0.0), mode=FAN_MODE,
+              nonlinearity=Param(_nonlinearity, _choice(*NONLINEARITIES),
+                                 " | ".join(NONLINEARITIES)),
+              bias=BIAS)
+_register("orthogonal", _weight_init(nn.init.orthogonal_),
+          "orthogonal (out, in*kh*kw) matrix, times gain", "orthogonal matrix, times gain",
+          POLICY, gain=_float(1.0), bias=BIAS)
+_register("sparse", _weight_init(_sparse), "sparse_ on the (out, in*kh*kw) view",
+          "sparse_: N(0, std), a fraction `sparsity` of each column zero", POLICY,
+          sparsity=_float(0.1), std=_float(0.01), bias=BIAS)
+
+# The six schemes a study compares unless told otherwise.
+DEFAULT_SCHEMES = ("default", "normal", "xavier", "kaiming", "orthogonal", "custom")
+
+
+@dataclass(frozen=True)
+class ResolvedScheme:
+    """A parsed spec: the name, every parameter with defaults filled in, and the function
+    that ``model.apply`` calls on each module."""
+
+    name: str
+    params: dict[str, Any]
+    apply_fn: Callable[[nn.Module], None]
+
+
+def _known() -> str:
+    return ", ".join(SCHEMES)
+
+
+def _load_user_function(target: str, attr: str) -> Callable[[nn.Module], None]:
+    """Import ``attr`` from a module path or a .py file, as a ``model.apply`` function."""
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise SchemeError(f"init function file not found: {target}")
+        spec = importlib.util.spec_from_file_location(f"initstudy_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise SchemeError(f"cannot load {target}: {type(exc).__name__}: {exc}") from exc
+    else:
+        # Console scripts do not put the working directory on sys.path; a user's module
+        # next to them is what `mymodule:init_weights` means.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise SchemeError(
+                f"unknown scheme '{target}' and no importable module of that name "
+                f"({type(exc).__name__}: {exc}); known schemes: {_known()}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SchemeError(f"{target} has no function '{attr}'")
+    return fn
+
+
+def _parse_params(scheme: Scheme, text: str) -> dict[str, Any]:
+    given: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if key not in scheme.params:
+            accepted = ", ".join(scheme.params) or "none"
+            raise SchemeError(f"scheme '{scheme.name}' has no parameter '{key}' "
+                              f"(parameters: {accepted})")
+        param = scheme.params[key]
+        if not eq:
+            raise SchemeError(f"parameter '{key}' of '{scheme.name}' needs a value: "
+                              f"{key}=<{param.accepts}>")
+        try:
+            given[key] = param.parse(raw)
+        except ValueError:
+            raise SchemeError(f"bad value '{raw}' for '{key}' of scheme '{scheme.name}': "
+                              f"expected {param.accepts}") from None
+    params = {k: given.get(k, p.default) for k, p in scheme.params.items()}
+    missing = [k for k, v in params.items() if v is None]
+    if missing:
+        raise SchemeError(f"scheme '{scheme.name}' needs {', '.join(missing)} "
+                          f"(e.g. {scheme.name}:{missing[0]}=0.1)")
+    return params
+
+
+def resolve(spec: str) -> ResolvedScheme:
+    """Parse a spec string (see the module docstring); raise SchemeError listing what is accepted."""
+    spec = spec.strip()
+    name, _, rest = spec.partition(":")
+    if name in SCHEMES:
+        scheme = SCHEMES[name]
+        params = _parse_params(scheme, rest)
+
+        def apply_fn(module: nn.Module) -> None:
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                scheme.init(module, **params)
+
+        return ResolvedScheme(name, params, apply_fn)
+    if rest and "=" not in rest and rest.isidentifier():
+        return ResolvedScheme(spec, {}, _load_user_function(name, rest))
+    raise SchemeError(f"unknown scheme '{name}'; known schemes: {_known()}; "
+                      f"or module.path:function / file.py:function for your own")
+
+
+def apply_scheme(model: nn.Module, spec: str, seed: int = 0) -> nn.Module:
+    """Initialise ``model`` in place by ``spec`` from the init seed, and return it.
+
+    Every layer is first reset to PyTorch's default init, then the scheme is applied with
+    ``model.apply``; all draws come from the global RNG forked and seeded with ``seed``, so the
+    same seed gives bit-identical weights and parameters a scheme leaves untouched are seeded too.
+    """
+    resolved = resolve(spec)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if module is not model and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        try:
+            model.apply(resolved.apply_fn)
+        except Exception as exc:
+            raise SchemeError(f"scheme '{spec}' failed: {type(exc).__name__}: {exc}") from exc
+    return model

@@ -1,0 +1,94 @@
+"""The model is the document's: same printout, same parameter names, same computation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from initstudy import LeNet
+
+SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_b1b145f78847737f.txt"
+
+# The document's printout of print(model), leading spaces stripped (the document lost them).
+DOCUMENT_PRINTOUT = """\
+LeNet(
+(features): Sequential(
+(0): Conv2d(1, 128, kernel_size=(5, 5), stride=(1, 1))
+(1): ReLU(inplace=True)
+(2): MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False)
+(3): Conv2d(128, 128, kernel_size=(5, 5), stride=(1, 1))
+(4): ReLU(inplace=True)
+(5): MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False)
+(6): Conv2d(128, 128, kernel_size=(5, 5), stride=(1, 1))
+(7): ReLU(inplace=True)
+)
+(classifer): Sequential(
+(0): Flatten(start_dim=1, end_dim=-1)
+(1): Linear(in_features=128, out_features=84, bias=True)
+(2): ReLU(inplace=True)
+(3): Dropout(p=0.1, inplace=False)
+(4): Linear(in_features=84, out_features=10, bias=True)
+(5): Softmax(dim=-1)
+)
+)"""
+
+
+class DocumentLeNet(nn.Module):
+    """The document's class, verbatim but for indentation."""
+
+    def __init__(self):
+        super(DocumentLeNet, self).__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 128, 5, 1), nn.ReLU(True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(128, 128, 5, 1), nn.ReLU(True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(128, 128, 5, 1), nn.ReLU(True),
+        )
+        self.classifer = nn.Sequential(
+            nn.Flatten(), nn.Linear(128, 84), nn.ReLU(True), nn.Dropout(0.1),
+            nn.Linear(84, 10), nn.Softmax(-1)
+        )
+
+    def forward(self, x):
+        x = nn.ZeroPad2d((2, 2, 2, 2))(x)
+        x = self.features(x)
+        x = self.classifer(x)
+        return x
+
+
+def stripped_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.strip().splitlines()]
+
+
+def test_printout_matches_the_document_line_for_line():
+    assert stripped_lines(str(LeNet())) == stripped_lines(DOCUMENT_PRINTOUT)
+
+
+def test_expected_printout_is_the_one_in_the_seed_document():
+    if not SEED_DOC.is_file():
+        pytest.skip(f"seed document not found at {SEED_DOC}")
+    doc = SEED_DOC.read_text().splitlines()
+    start = doc.index("print(model)") + 1
+    printed = doc[start:start + len(DOCUMENT_PRINTOUT.splitlines())]
+    assert stripped_lines("\n".join(printed)) == stripped_lines(DOCUMENT_PRINTOUT)
+
+
+def test_document_weights_load_and_compute_the_same_function():
+    torch.manual_seed(0)
+    theirs = DocumentLeNet().eval()
+    ours = LeNet().eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: same names, `classifer` included
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+    assert torch.allclose(ours.logits(x).softmax(-1), theirs(x), atol=1e-6)
+
+
+def test_padding_is_in_forward_not_a_submodule():
+    assert not any(isinstance(m, nn.ZeroPad2d) for m in LeNet().modules())
+
+
+def test_output_is_a_probability_distribution_over_ten_classes():
+    probs = LeNet().eval()(torch.randn(3, 1, 28, 28))
+    assert probs.shape == (3, 10)
+    assert torch.allclose(probs.sum(1), torch.ones(3), atol=1e-6)
+    assert (probs >= 0).all()
