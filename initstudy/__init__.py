@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 from .config import RunConfig
 from .model import LeNet
 from .schemes import SCHEMES, apply_scheme
-from .train import train
+from .training import train
 
 __all__ = ["LeNet", "apply_scheme", "RunConfig", "train", "SCHEMES", "__version__"]

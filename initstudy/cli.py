@@ -14,7 +14,7 @@ from rich.table import Table
 from .config import RunConfig
 from .errors import InitStudyError
 from .schemes import DEFAULT_SCHEMES, SCHEMES
-from .train import train
+from .training import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="How weight initialisation changes the training of the document's LeNet.")

@@ -1,0 +1,129 @@
+"""The ``initstudy`` command end to end on tiny data, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from initstudy.cli import app
+from initstudy.data import FILES
+from initstudy.schemes import SCHEMES
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_schemes_lists_every_scheme_with_parameters():
+    result = run_cli("schemes")
+    assert result.exit_code == 0
+    for name in SCHEMES:
+        assert name in result.stdout
+    assert "nonlinearity=relu" in result.stdout and "N(0, 0.5)" in result.stdout
+
+
+def test_run_end_to_end(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", "--scheme", "normal:std=0.05", "--seed", "3", "--epochs", "2",
+                     "--data-dir", str(tiny_data), "--batch-size", "50", "--lr", "0.01",
+                     "--device", "cpu", "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert "normal-std=0.05-s3: ok" in result.stdout and str(out) in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["seed"] == 3 and summary["epochs"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["scheme_params"]["std"] == 0.05 and config["batch_size"] == 50
+
+
+def test_default_run_folder_is_runs_slash_name(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("run", "--scheme", "xavier", "--epochs", "1", "--data-dir",
+                     str(tiny_data), "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "runs" / "xavier-s0" / "summary.json").is_file()
+
+
+def test_offline_mnist_falls_back_to_the_sample_and_records_it(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", "--scheme", "kaiming", "--epochs", "1", "--train-subset", "200",
+                     "--data-dir", str(tmp_path / "empty"), "--device", "cpu", "--out", str(out),
+                     "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "WARNING" in result.stderr and "mnist-sample" in result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "mnist" and config["dataset_used"] == "mnist-sample"
+    assert config["env"]["train_images"] == 200
+    assert json.loads((out / "summary.json").read_text())["dataset"] == "mnist-sample"
+
+
+def corrupt_data(tmp_path: Path, tiny_data: Path) -> Path:
+    path = tiny_data / "MNIST" / "raw" / FILES["train_images"]
+    path.write_bytes(path.read_bytes()[:1000])
+    return tiny_data
+
+
+def unwritable(tmp_path: Path) -> str:
+    (tmp_path / "a-file").write_text("")
+    return str(tmp_path / "a-file" / "run")
+
+
+BAD_INPUTS = [
+    (["--scheme", "bogus"], "unknown scheme 'bogus'"),
+    (["--scheme", "kaiming:mode=sideways"], "fan_in or fan_out"),
+    (["--lr", "0"], "learning rate must be positive"),
+    (["--lr", "-0.1"], "learning rate must be positive"),
+    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--batch-size", "-5"], "batch size must be at least 1"),
+    (["--strict-data", "--data-dir", "{empty}"], "no mnist files"),
+    (["--data-dir", "{corrupt}"], "truncated"),
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "cuda"),
+    (["--out", "{unwritable}"], "cannot write to output folder"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(tiny_data, tmp_path, args, fragment):
+    values = {"{empty}": str(tmp_path / "empty"), "{corrupt}": None, "{unwritable}": None}
+    args = [a.replace("{empty}", values["{empty}"]) for a in args]
+    if "{corrupt}" in args:
+        args[args.index("{corrupt}")] = str(corrupt_data(tmp_path, tiny_data))
+    if "{unwritable}" in args:
+        args[args.index("{unwritable}")] = unwritable(tmp_path)
+    base = ["run", "--epochs", "1", "--device", "cpu", "--data-dir", str(tiny_data), "-q",
+            "--out", str(tmp_path / "run")]
+    result = run_cli(*base, *args)  # later options override earlier ones
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_console_script_with_a_users_init_file(tiny_data, tmp_path):
+    """The installed entry point, in a fresh process, with `file.py:function`."""
+    (tmp_path / "inits.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def init_weights(layer):
+            if type(layer) == nn.Conv2d:
+                nn.init.normal_(layer.weight, mean=0, std=0.05)
+    """))
+    exe = Path(sys.executable).with_name("initstudy")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "initstudy.cli"]
+    result = subprocess.run(
+        command + ["run", "--scheme", "inits.py:init_weights", "--epochs", "1", "--data-dir",
+                   str(tiny_data), "--device", "cpu", "--out", str(tmp_path / "run")],
+        cwd=tmp_path, capture_output=True, text=True, env=os.environ | {"COLUMNS": "100"},
+        timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "inits-init_weights-s0: ok" in result.stdout
+    assert "epoch 1/1" in result.stderr  # the progress bar
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["scheme"] == \
+        "inits.py:init_weights"

