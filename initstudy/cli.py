@@ -80,6 +80,13 @@ def run(
     device: str = typer.Option(_D.device, help="auto | cpu | cuda | cuda:N."),
     log_every: int = typer.Option(_D.log_every, help="Steps between train/loss records."),
     out: Optional[str] = typer.Option(None, help="Run folder [default: runs/<scheme>-s<seed>]."),
+    wandb: Optional[str] = typer.Option(None, help="offline | online | disabled "
+                                        "[default: $WANDB_MODE, else offline]."),
+    wandb_project: str = typer.Option(_D.wandb_project),
+    wandb_entity: Optional[str] = typer.Option(None),
+    wandb_dir: Optional[str] = typer.Option(None, help="[default: inside the run folder]"),
+    group: Optional[str] = typer.Option(None, help="wandb group, a study's name "
+                                        "[default: adhoc]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train the document's LeNet once under one init scheme and record the run folder."""
@@ -88,7 +95,8 @@ def run(
         strict_data=strict_data, train_subset=train_subset, subset_seed=subset_seed,
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, loss=loss, device=device, log_every=log_every, out=out,
-        quiet=quiet)
+        wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity, wandb_dir=wandb_dir,
+        group=group, quiet=quiet)
     summary = train(config)
     line = (f"{summary['run_name']}: {summary['status']}"
             f"{' at step ' + str(summary['diverged_step']) if summary['diverged_step'] else ''}"

@@ -51,6 +51,11 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 50  # steps between train/loss records
     out: str | None = None  # run folder; None means runs/<run name>
+    wandb: str | None = None  # offline | online | disabled; None: $WANDB_MODE, else offline
+    wandb_project: str = "initstudy"
+    wandb_entity: str | None = None
+    wandb_dir: str | None = None  # None: inside the run folder
+    group: str | None = None  # the study's name; None: "adhoc"
     quiet: bool = False
     # Resolved by the trainer.
     dataset_used: str | None = None

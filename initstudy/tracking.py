@@ -1,10 +1,11 @@
-"""The run folder: the local, authoritative record of a run (reports read it, never wandb).
+"""Where a run is recorded: its folder (the source of truth: reports read it) and a wandb mirror.
 
 Layout of ``<run dir>/``:
 
 - ``config.json``: the resolved ``RunConfig`` (``config.RunConfig.to_dict``).
-- ``metrics.jsonl``: one JSON object a line. Step records ``{"step", "train/loss"}`` every
-  ``log_every`` steps (the mean loss since the previous record); epoch records ``{"epoch",
+- ``metrics.jsonl``: one JSON object a line. Step records ``{"step", "train/loss",
+  "grad_norm/<layer>"...}`` every ``log_every`` steps and at each epoch's end (the mean loss
+  since the previous record; each layer's weight-gradient norm at that step); epoch records ``{"epoch",
   "step", "train/loss", "train/acc", "test/loss", "test/acc", "lr"}``, epoch 0 being the
   model at init (its train/* are null: nothing was trained yet).
 - ``histograms.jsonl``: one line per parameter tensor at init (epoch 0) and after every epoch:
@@ -21,15 +22,18 @@ whole line per write and flushed; readers skip a final line cut short by a kill.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
+from .config import RunConfig
 from .errors import ConfigError
 
 HISTOGRAM_BINS = 30
@@ -136,3 +140,147 @@ def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN or Infinity: store non-finite numbers as null."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()}
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+_WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # older WANDB_MODE spellings
+EPOCH_KEYS = ("train/loss_epoch", "train/acc", "test/loss", "test/acc", "lr")
+
+
+def wandb_mode(flag: str | None) -> str:
+    """The wandb mode: the flag, else ``$WANDB_MODE``, else offline; ConfigError if unknown."""
+    mode = flag or os.environ.get("WANDB_MODE") or "offline"
+    mode = _WANDB_ALIASES.get(mode, mode)
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"unknown wandb mode '{mode}'; choose from {', '.join(WANDB_MODES)}")
+    return mode
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Set environment variables for the duration of a block (wandb reads its settings there)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_wandb_online() -> None:
+    """Fail fast, before any training, when online logging cannot work: no API key, or the
+    server does not answer within 5 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    import wandb
+
+    # The flag wins over a WANDB_MODE that would make wandb skip the check; no chatter.
+    with _environ(WANDB_MODE="online", WANDB_SILENT="true"):
+        has_key = wandb.login(prompt=False, verify=False)
+        url = urlparse(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url)
+    if not has_key:
+        raise ConfigError("wandb online needs an API key: run `wandb login` (or set "
+                          "WANDB_API_KEY), or use --wandb offline and `wandb sync` later")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"wandb online: cannot reach {url.geturl()} ({exc}); use --wandb "
+                          f"offline and `wandb sync` later") from None
+
+
+class WandbMirror:
+    """Mirrors one run to wandb (keys in the README). wandb is a mirror, never the record: any
+    wandb failure warns once, turns the mirror off and lets training go on."""
+
+    def __init__(self, config: RunConfig, scheme_name: str):
+        self.run = None
+        try:
+            self._start(config, scheme_name)
+        except Exception as exc:  # a mirror must never stop training
+            self._give_up(exc)
+
+    def _start(self, config: RunConfig, scheme_name: str) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=config.wandb_project, entity=config.wandb_entity,
+            dir=str(config.wandb_dir or config.run_dir), mode=config.wandb,
+            name=config.run_name, group=config.group or "adhoc", job_type="train",
+            tags=[scheme_name, config.dataset_used], config=config.to_dict(),
+            settings=wandb.Settings(silent=True, console="off"), reinit="create_new")
+        self.run.define_metric("epoch")
+        for key in (*EPOCH_KEYS, "weights/*", "biases/*"):
+            self.run.define_metric(key, step_metric="epoch")
+
+    def _give_up(self, exc: Exception) -> None:
+        print(f"WARNING: wandb failed ({type(exc).__name__}: {exc}); training goes on without "
+              f"it, the run folder keeps everything", file=sys.stderr)
+        self.run = None
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as exc:
+            self._give_up(exc)
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        data = {k: v for k, v in data.items() if v is not None}
+        self._call(lambda: self.run.log(data, step=step))
+
+    def log_histograms(self, epoch: int, step: int, records: list[dict[str, Any]]) -> None:
+        def log() -> None:
+            import wandb
+
+            data: dict[str, Any] = {"epoch": epoch}
+            for r in records:
+                if r["counts"]:  # no finite value: nothing to draw, `nonfinite` says why
+                    key = f"{'weights' if r['param'] == 'weight' else 'biases'}/{r['layer']}"
+                    data[key] = wandb.Histogram(np_histogram=(r["counts"], r["edges"]))
+            self.run.log(data, step=step)
+
+        self._call(log)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        def finish() -> None:
+            self.run.summary.update(summary)
+            self.run.finish(exit_code=1 if summary["status"] == "failed" else 0)
+
+        self._call(finish)
+
+
+class Tracker:
+    """Where the trainer reports: the run folder, mirrored to wandb unless it is disabled."""
+
+    def __init__(self, folder: RunFolder, mirror: WandbMirror | None = None):
+        self.folder, self.mirror = folder, mirror
+
+    def step(self, step: int, loss: float, grad_norms: dict[str, float | None]) -> None:
+        record = {"step": step, "train/loss": loss} | grad_norms
+        self.folder.log_metrics(record)
+        if self.mirror:
+            self.mirror.log({k: v for k, v in record.items() if k != "step"}, step)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        self.folder.log_metrics(record)
+        if self.mirror:
+            data = {k: v for k, v in record.items() if k not in ("step", "train/loss")}
+            self.mirror.log(data | {"train/loss_epoch": record["train/loss"]}, record["step"])
+
+    def histograms(self, epoch: int, step: int,
+                   layers: Iterable[tuple[str, torch.nn.Module]]) -> None:
+        records = layer_histograms(layers)
+        self.folder.log_histograms(epoch, step, records)
+        if self.mirror:
+            self.mirror.log_histograms(epoch, step, records)
+
+    def summary(self, summary: dict[str, Any], final: bool = True) -> None:
+        self.folder.write_summary(summary)
+        if final and self.mirror:
+            self.mirror.finish(summary)

@@ -4,6 +4,7 @@ beyond ``apply_scheme``."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import traceback
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from .data import Dataset, batches, load_dataset
 from .errors import RunFailed
 from .model import LeNet, init_layers
 from .schemes import apply_scheme, resolve
-from .tracking import RunFolder, layer_histograms
+from .tracking import RunFolder, Tracker, WandbMirror, check_wandb_online, wandb_mode
 
 EVAL_BATCH = 1000  # images per evaluation batch: no gradients, so larger than training batches
 
@@ -66,16 +67,20 @@ def evaluate(model: LeNet, images: torch.Tensor, labels: torch.Tensor,
 def train(config: RunConfig) -> dict[str, Any]:
     """Train LeNet as ``config`` says and return the summary (the dict in ``summary.json``).
 
-    Bad options, data or devices raise ``InitStudyError`` before anything trains. A non-finite
-    loss ends the run with status ``diverged``: a result, not an error. Any other exception
-    during training is recorded as status ``failed`` with ``error.txt`` and raised as
-    ``RunFailed`` (its cause attached); Ctrl-C is recorded likewise and re-raised as it is.
-    The caller's config and RNG state are left untouched.
+    Bad options, data or devices (and wandb online without a key or network) raise
+    ``InitStudyError`` before anything trains. A non-finite loss ends the run with status
+    ``diverged``: a result, not an error. Any other exception during training is recorded as
+    status ``failed`` with ``error.txt`` and raised as ``RunFailed`` (its cause attached);
+    Ctrl-C is recorded likewise and re-raised as it is. The caller's config and RNG state are
+    left untouched.
     """
     config = dataclasses.replace(config)
     config.validate()
     scheme = resolve(config.scheme)  # fail on a bad spec before touching disk or data
     device = resolve_device(config.device)
+    config.wandb = wandb_mode(config.wandb)
+    if config.wandb == "online":
+        check_wandb_online()
     folder = RunFolder(config.run_dir)
     dataset = load_dataset(config.dataset, config.data_dir, config.strict_data)
     if config.train_subset:
@@ -89,30 +94,32 @@ def train(config: RunConfig) -> dict[str, Any]:
         "data_source": dataset.source, "train_images": len(dataset.train_labels),
         "test_images": len(dataset.test_labels)}
     folder.write_config(config.to_dict())
+    mirror = WandbMirror(config, scheme.name) if config.wandb != "disabled" else None
+    tracker = Tracker(folder, mirror)
 
     summary: dict[str, Any] = {
         "status": "running", "run_name": config.run_name, "scheme": config.scheme,
         "seed": config.seed, "data_seed": config.effective_data_seed,
         "dataset": dataset.name, "epochs": config.epochs}
-    folder.write_summary(summary)
+    tracker.summary(summary, final=False)
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):
-            summary |= _fit(config, dataset, device, folder)
+            summary |= _fit(config, dataset, device, tracker)
     except BaseException as exc:
         summary |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         folder.write_error(traceback.format_exc())
-        folder.write_summary(summary)
+        tracker.summary(summary)
         if isinstance(exc, Exception):
             raise RunFailed(f"run failed: {summary['error']} (traceback in "
                             f"{folder.path / 'error.txt'})") from exc
         raise
-    folder.write_summary(summary)
+    tracker.summary(summary)
     return summary
 
 
 def _fit(config: RunConfig, data: Dataset, device: torch.device,
-         folder: RunFolder) -> dict[str, Any]:
+         tracker: Tracker) -> dict[str, Any]:
     """The training loop. Losses stay on the device and are read once per ``log_every`` steps,
     so the hot path never waits for the host."""
     started = time.perf_counter()
@@ -123,22 +130,27 @@ def _fit(config: RunConfig, data: Dataset, device: torch.device,
     objective = OBJECTIVES[config.loss]
     layers = init_layers(model)
     test = evaluate(model, data.test_images, data.test_labels, data.name)
-    folder.log_histograms(0, 0, layer_histograms(layers))
-    folder.log_metrics({"epoch": 0, "step": 0, "train/loss": None, "train/acc": None,
-                        "test/loss": test[0], "test/acc": test[1], "lr": config.lr})
+    tracker.histograms(0, 0, layers)
+    tracker.epoch({"epoch": 0, "step": 0, "train/loss": None, "train/acc": None,
+                   "test/loss": test[0], "test/acc": test[1], "lr": config.lr})
     best_acc, step, train_seconds, images_seen = test[1], 0, 0.0, 0
     window = torch.zeros(config.log_every, device=device)  # losses since the last record
     diverged_step = None
     steps_per_epoch = -(-len(data.train_labels) // config.batch_size)
 
     def flush(filled: int) -> int | None:
-        """Write the mean loss of the window; return the 1-based step of the first non-finite
-        loss in it, if any (the only host sync of the hot path)."""
-        losses = window[:filled].cpu()
+        """Record the window's mean loss and each layer's weight-gradient norm (of the last
+        step); return the 1-based step of the first non-finite loss in the window, if any.
+        This is the hot path's only host sync."""
+        grads = torch.stack([torch.linalg.vector_norm(layer.weight.grad) for _, layer in layers])
+        stats = torch.cat([window[:filled], grads]).cpu()
+        losses, norms = stats[:filled], stats[filled:].tolist()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             return step - filled + int(bad[0]) + 1
-        folder.log_metrics({"step": step, "train/loss": losses.mean().item()})
+        tracker.step(step, losses.mean().item(), {
+            f"grad_norm/{name}": norm if math.isfinite(norm) else None
+            for (name, _), norm in zip(layers, norms)})
         return None
 
     with _progress(config) as progress:
@@ -158,6 +170,7 @@ def _fit(config: RunConfig, data: Dataset, device: torch.device,
                 loss.backward()
                 optimizer.step()
                 step += 1
+                images_seen += len(y)
                 window[filled] = loss.detach()
                 filled += 1
                 loss_sum += loss.detach() * len(y)
@@ -173,8 +186,6 @@ def _fit(config: RunConfig, data: Dataset, device: torch.device,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - epoch_start
-            images_seen += min(step - (epoch - 1) * steps_per_epoch, steps_per_epoch) \
-                * config.batch_size
             if diverged_step:
                 progress.update(task, info=f"[red]diverged at step {diverged_step}")
                 break
@@ -182,15 +193,15 @@ def _fit(config: RunConfig, data: Dataset, device: torch.device,
             train_loss, train_acc = (loss_sum / n).item(), (correct / n).item()
             test = evaluate(model, data.test_images, data.test_labels, data.name)
             best_acc = max(best_acc, test[1])
-            folder.log_metrics({"epoch": epoch, "step": step, "train/loss": train_loss,
-                                "train/acc": train_acc, "test/loss": test[0],
-                                "test/acc": test[1], "lr": config.lr})
-            folder.log_histograms(epoch, step, layer_histograms(layers))
+            tracker.epoch({"epoch": epoch, "step": step, "train/loss": train_loss,
+                           "train/acc": train_acc, "test/loss": test[0], "test/acc": test[1],
+                           "lr": config.lr})
+            tracker.histograms(epoch, step, layers)
             progress.update(task, info=f"loss {train_loss:.4f}  test acc {test[1]:.4f}")
 
     if diverged_step:
         test = evaluate(model, data.test_images, data.test_labels, data.name)
-        folder.log_histograms(epoch, step, layer_histograms(layers))
+        tracker.histograms(epoch, step, layers)
     return {
         "status": "diverged" if diverged_step else "ok",
         "diverged_step": diverged_step,

@@ -49,6 +49,8 @@ def hermetic(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("INITSTUDY_DATA", raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
 
 
 @pytest.fixture

@@ -46,7 +46,9 @@ def test_run_folder_contents(tiny_data, tmp_path):
     assert epochs[-1]["test/acc"] == summary["test/acc"]
     assert summary["best/test/acc"] == max(r["test/acc"] for r in epochs)
     assert [r["step"] for r in steps] == [2, 4, 6, 7, 9, 11, 13, 14]  # every 2, and epoch ends
-    assert all(set(r) == {"step", "train/loss"} for r in steps)
+    grad_keys = {f"grad_norm/{layer}" for layer in LAYERS}
+    assert all(set(r) == {"step", "train/loss"} | grad_keys for r in steps)
+    assert all(r["grad_norm/classifer.4"] > 0 for r in steps)
 
     hists = read_jsonl(folder / "histograms.jsonl")
     assert len(hists) == 3 * len(LAYERS) * 2  # epochs 0..2, weight and bias of each layer

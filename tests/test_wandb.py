@@ -1,0 +1,161 @@
+"""The wandb mirror, read back from offline files with `wandb leet inspect --json`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from initstudy import RunConfig, train
+from initstudy.cli import app
+from initstudy.errors import ConfigError
+from initstudy.tracking import read_jsonl, wandb_mode
+
+LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
+WANDB = Path(sys.executable).with_name("wandb")
+
+
+def offline_run(tiny_data, tmp_path, name="run", **overrides) -> Path:
+    options = dict(scheme="kaiming", data_dir=str(tiny_data), epochs=2, batch_size=50,
+                   log_every=2, device="cpu", quiet=True, wandb="offline",
+                   out=str(tmp_path / name))
+    train(RunConfig(**(options | overrides)))
+    return tmp_path / name
+
+
+def inspect(run_dir: Path) -> dict[str, list]:
+    """The records of the run's offline .wandb file, by type."""
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    out = subprocess.run([str(WANDB), "leet", "inspect", str(files[0]), "--json"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    records: dict[str, list] = {}
+    for line in out.splitlines():
+        record = json.loads(line)
+        records.setdefault(record["type"], []).append(record[record["type"]])
+    return records
+
+
+def test_offline_run_is_complete_and_organised(tiny_data, tmp_path):
+    run_dir = offline_run(tiny_data, tmp_path, group="smoke")
+    records = inspect(run_dir)
+    run = records["run"][0]
+    assert run["display_name"] == "kaiming-s0" and run["run_group"] == "smoke"
+    assert run["job_type"] == "train" and run["tags"] == ["kaiming", "mnist"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    logged = {k: v for k, v in run["config"]["update"].items() if k != "_wandb"}
+    assert logged == json.loads(json.dumps(saved))  # the very dict of config.json
+
+    history = [h["item"] for h in records["history"]]
+    keys = set().union(*history)
+    for key in ("train/loss", "epoch", "train/loss_epoch", "train/acc", "test/loss",
+                "test/acc", "lr"):
+        assert key in keys, key
+    for layer in LAYERS:
+        assert f"grad_norm/{layer}" in keys
+        for kind in ("weights", "biases"):
+            assert f"{kind}/{layer}.bins" in keys and f"{kind}/{layer}.values" in keys
+    epochs = [h for h in history if "epoch" in h]
+    assert [h["epoch"] for h in epochs] == [0, 1, 2]
+    assert "train/loss" not in epochs[0]  # histograms at init come before any step
+    assert epochs[0]["_step"] == 0
+
+    # The histograms are the run folder's, bin for bin.
+    local = {(h["epoch"], h["layer"], h["param"]): h
+             for h in read_jsonl(run_dir / "histograms.jsonl")}
+    for epoch_row in epochs:
+        ref = local[(epoch_row["epoch"], "features.0", "weight")]
+        assert epoch_row["weights/features.0.values"] == ref["counts"]
+        assert epoch_row["weights/features.0.bins"] == pytest.approx(ref["edges"])
+    metric_axes = {m.get("name") or m.get("glob_name"): m.get("step_metric")
+                   for m in records["metric"]}
+    assert metric_axes["test/acc"] == "epoch" and metric_axes["weights/*"] == "epoch"
+
+    summary = {}
+    for update in records["summary"]:
+        summary |= update.get("update", {})
+    local_summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" == local_summary["status"]
+    assert summary["test/acc"] == local_summary["test/acc"]
+    assert summary["best/test/acc"] == local_summary["best/test/acc"]
+
+
+def test_diverged_run_is_marked_and_its_histograms_logged(tiny_data, tmp_path):
+    run_dir = offline_run(tiny_data, tmp_path, scheme="normal:std=10", lr=1e6, epochs=3)
+    records = inspect(run_dir)
+    summary = {}
+    for update in records["summary"]:
+        summary |= update.get("update", {})
+    assert summary["status"] == "diverged" and summary["diverged_step"] >= 1
+    assert records["exit"][0]["exit_code"] == 0
+
+
+def test_a_wandb_failure_mid_run_warns_once_and_training_goes_on(tiny_data, tmp_path,
+                                                                 monkeypatch, capsys):
+    import wandb
+
+    real_log, calls = wandb.Run.log, []
+
+    def log_until_the_disk_fills(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real_log(self, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", log_until_the_disk_fills)
+    run_dir = offline_run(tiny_data, tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("WARNING: wandb failed") == 1 and "No space left" in err
+    assert len(calls) == 4  # the mirror stopped calling wandb after the failure
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "ok"
+    epochs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]  # the local record is whole
+
+
+def test_disabled_never_imports_wandb(tiny_data, tmp_path):
+    code = (f"import sys; from initstudy import RunConfig, train; "
+            f"train(RunConfig(data_dir={str(tiny_data)!r}, epochs=1, device='cpu', quiet=True, "
+            f"wandb='disabled', out={str(tmp_path / 'run')!r})); "
+            f"print('wandb' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_mode_resolution(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(None) == "disabled" and wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert wandb_mode(None) == "offline"
+    with pytest.raises(ConfigError, match="offline, online, disabled"):
+        wandb_mode("sometimes")
+
+
+def test_online_without_a_key_fails_before_training(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    result = CliRunner().invoke(app, ["run", "--wandb", "online", "--data-dir", str(tiny_data),
+                                      "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "wandb login" in result.stderr and "--wandb offline" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_online_without_network_fails_before_training(tiny_data, tmp_path, monkeypatch):
+    import wandb
+
+    wandb.teardown()  # wandb caches credentials per process; a fresh process reads them anew
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    result = CliRunner().invoke(app, ["run", "--wandb", "online", "--data-dir", str(tiny_data),
+                                      "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 2 and "cannot reach http://127.0.0.1:9" in result.stderr
+    assert not (tmp_path / "run").exists()
