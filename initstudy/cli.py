@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import typer
@@ -14,6 +15,8 @@ from rich.table import Table
 from .config import RunConfig
 from .errors import InitStudyError
 from .schemes import DEFAULT_SCHEMES, SCHEMES
+from .sweep import load_study, plan, plan_table, sweep, visible_gpus
+from .tracking import check_wandb_online, wandb_mode
 from .training import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -104,6 +107,76 @@ def run(
             f"  on {summary['dataset']}  {summary['wall_seconds']:.1f} s"
             f"  -> {config.run_dir}")
     typer.echo(line)
+
+
+def _gpu_list(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise InitStudyError(f"--gpus takes GPU ids like 0,1,3 (or none), got '{text}'") from None
+
+
+@app.command("sweep")
+@_clean_errors
+def sweep_command(
+    study: Path = typer.Argument(..., help="Study file (TOML), e.g. experiments/smoke.toml."),
+    out: Optional[Path] = typer.Option(None, help="Runs folder [default: runs/<study name>]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their status."),
+    backend: str = typer.Option("local", help="local | slurm."),
+    gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,3, or none "
+                                       "[default: all visible]."),
+    jobs_per_gpu: int = typer.Option(1, help="Runs sharing one GPU at a time."),
+    workers: int = typer.Option(1, help="CPU worker processes when no GPU is used; torch "
+                                "threads are divided between them."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun failed runs too."),
+    partition: Optional[str] = typer.Option(None, help="Slurm partition."),
+    gpus_per_task: int = typer.Option(0, help="Slurm GPUs per task."),
+    time: int = typer.Option(60, help="Slurm time limit per task, minutes."),
+    mem: Optional[str] = typer.Option(None, help="Slurm memory per task, e.g. 8G."),
+    runs_per_task: int = typer.Option(1, help="Slurm: runs per array task."),
+    data_dir: Optional[str] = typer.Option(None, help="Data root for every run."),
+    wandb: Optional[str] = typer.Option(None, help="offline | online | disabled "
+                                        "[default: $WANDB_MODE, else offline]."),
+    wandb_project: str = typer.Option(_D.wandb_project),
+    wandb_entity: Optional[str] = typer.Option(None),
+) -> None:
+    """Run a study: every scheme x seed x axis of STUDY, resumable, over GPUs, CPUs or Slurm."""
+    loaded = load_study(study)
+    out = out or Path("runs") / loaded.name
+    if backend not in ("local", "slurm"):
+        raise InitStudyError(f"unknown backend '{backend}'; choose local or slurm")
+    for name, value in (("--jobs-per-gpu", jobs_per_gpu), ("--workers", workers),
+                        ("--runs-per-task", runs_per_task), ("--time", time)):
+        if value < 1:
+            raise InitStudyError(f"{name} must be at least 1, got {value}")
+    overrides = {k: v for k, v in dict(data_dir=data_dir, wandb=wandb,
+                                       wandb_project=wandb_project,
+                                       wandb_entity=wandb_entity).items() if v is not None}
+    if dry_run:
+        Console(width=max(120, Console().width)).print(plan_table(plan(loaded, out, **overrides)))
+        return
+    if overrides.get("wandb", wandb_mode(None)) == "online":
+        check_wandb_online()  # once here, not in every worker
+    gpu_ids = _gpu_list(gpus)
+    visible = visible_gpus()
+    for gpu in gpu_ids or []:
+        if gpu not in visible:
+            raise InitStudyError(f"GPU {gpu} is not visible here (visible: "
+                                 f"{', '.join(map(str, visible)) or 'none'})")
+    counts = sweep(loaded, out, backend=backend, gpus=gpu_ids, jobs_per_gpu=jobs_per_gpu,
+                   workers=workers, retry_failed=retry_failed, overrides=overrides,
+                   slurm=dict(partition=partition, gpus_per_task=gpus_per_task, time_min=time,
+                              mem=mem, runs_per_task=runs_per_task))
+    not_done = sum(n for st, n in counts.items() if st not in ("ok", "diverged"))
+    if not_done:
+        typer.echo(f"{not_done} run(s) failed or unfinished: see their summary.json and "
+                   f"error.txt; rerun to resume" + ("" if retry_failed else
+                                                     ", with --retry-failed to retry"), err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import platform
 import re
@@ -21,6 +23,10 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce", "prob-ce")
+# The fields that decide a run's numbers. Where the data, logs or device are is not among them,
+# so a study finds its finished runs again wherever it runs.
+RESULT_FIELDS = ("scheme", "seed", "data_seed", "dataset", "train_subset", "subset_seed",
+                 "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "loss")
 
 
 @dataclass
@@ -71,6 +77,14 @@ class RunConfig:
     def run_name(self) -> str:
         """``<scheme>-s<seed>``, with the spec made safe for a folder name."""
         return f"{slug(self.scheme)}-s{self.seed}"
+
+    @property
+    def run_id(self) -> str:
+        """``<run name>-<8 hex>``: stable for the same result-deciding fields (RESULT_FIELDS)."""
+        fields = {f: getattr(self, f) for f in RESULT_FIELDS}
+        fields["data_seed"] = self.effective_data_seed  # None and seed are the same run
+        key = json.dumps(fields, sort_keys=True)
+        return f"{self.run_name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
     @property
     def run_dir(self) -> Path:

@@ -12,7 +12,8 @@ Layout of ``<run dir>/``:
   ``{"epoch", "step", "layer", "param" ("weight"|"bias"), "count", "nonfinite", "mean",
   "std", "min", "max", "edges" (31 floats), "counts" (30 ints)}``, 30 bins over the finite
   values, as the document's ``plt.hist(..., bins=30)``.
-- ``summary.json``: ``status`` (running | ok | diverged | failed) and the final numbers.
+- ``summary.json``: ``status`` (running | ok | diverged | failed | interrupted) and the final
+  numbers. A run killed outright stays ``running``.
 - ``error.txt``: the traceback of a failed run.
 
 JSON files are replaced atomically (write to a temporary file, fsync, rename), so a killed
@@ -26,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -114,6 +116,7 @@ class RunFolder:
                               f"{exc.strerror or exc}") from None
         for name in ("metrics.jsonl", "histograms.jsonl", "error.txt"):
             (self.path / name).unlink(missing_ok=True)  # a rerun starts a fresh record
+        shutil.rmtree(self.path / "wandb", ignore_errors=True)  # and one wandb run, not two
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.path / "config.json", config)

@@ -107,7 +107,8 @@ def train(config: RunConfig) -> dict[str, Any]:
         with torch.random.fork_rng(devices=cuda):
             summary |= _fit(config, dataset, device, tracker)
     except BaseException as exc:
-        summary |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        status = "failed" if isinstance(exc, Exception) else "interrupted"  # Ctrl-C, exit
+        summary |= {"status": status, "error": f"{type(exc).__name__}: {exc}"}
         folder.write_error(traceback.format_exc())
         tracker.summary(summary)
         if isinstance(exc, Exception):

@@ -1,0 +1,226 @@
+"""Studies: grid expansion, GPU slots, resume after a kill, fault isolation, a real sweep."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from initstudy import RunConfig
+from initstudy.cli import app
+from initstudy.sweep import StudyError, cpu_slots, expand, gpu_slots, load_study, plan, status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_study(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_grid_expansion_schemes_axes_and_seeds():
+    runs = expand({"name": "x", "schemes": ["default", "normal:std=0.01"], "seeds": 3,
+                   "lr": [0.01, 0.1], "epochs": 2, "dataset": "mnist-sample"})
+    assert len(runs) == 2 * 2 * 3
+    assert [(r.scheme, r.lr, r.seed) for r in runs[:4]] == [
+        ("default", 0.01, 0), ("default", 0.01, 1), ("default", 0.01, 2), ("default", 0.1, 0)]
+    assert all(r.epochs == 2 and r.dataset == "mnist-sample" for r in runs)
+    assert len({r.run_id for r in runs}) == 12
+    assert [r.seed for r in expand({"schemes": ["xavier"], "seeds": [4, 7]})] == [4, 7]
+    assert [r.scheme for r in expand({"scheme": "kaiming"})] == ["kaiming"]
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ({"schemes": ["default"], "learning_rate": 0.1}, "unknown key(s) learning_rate"),
+    ({"schemes": []}, "'scheme' is an empty list"),
+    ({"seeds": 0}, "seeds = 0"),
+    ({"schemes": ["a"], "scheme": "b"}, "not both"),
+    ({"lr": -1}, "learning rate must be positive"),
+    ({"seeds": [1, 1]}, "repeats a run"),
+    ({"lr": "fast"}, "'lr' takes float values, got 'fast'"),
+])
+def test_bad_study_specs(spec, fragment):
+    with pytest.raises(StudyError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        expand(spec)
+
+
+def test_bad_study_file_names_the_file(tmp_path):
+    path = write_study(tmp_path, "name = 'x'\nschemes = [\n")
+    with pytest.raises(StudyError, match=str(path)):
+        load_study(path)
+
+
+def test_run_id_depends_only_on_what_decides_the_result():
+    base = RunConfig(scheme="kaiming", seed=1)
+    same = [RunConfig(scheme="kaiming", seed=1, data_seed=1),
+            RunConfig(scheme="kaiming", seed=1, out="x", device="cuda", wandb="online",
+                      data_dir="/data", quiet=True, group="g")]
+    assert all(c.run_id == base.run_id for c in same)
+    assert base.run_id.startswith("kaiming-s1-")
+    assert RunConfig(scheme="kaiming", seed=1, lr=0.02).run_id != base.run_id
+
+
+def test_gpu_slots_pin_each_job_to_its_gpu(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    slots = gpu_slots([0, 1, 3], jobs_per_gpu=2)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "1", "1", "3", "3"]
+    assert {s.device for s in slots} == {"cuda"} and len({s.name for s in slots}) == 6
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # ids are ours, mapped through
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots([0, 1, 3], 1)] == ["4", "5", "7"]
+
+
+def test_cpu_slots_divide_the_threads():
+    slots = cpu_slots(3, cores=8)
+    assert len(slots) == 3 and {s.env["OMP_NUM_THREADS"] for s in slots} == {"2"}
+    assert all(s.device == "cpu" and s.env["CUDA_VISIBLE_DEVICES"] == "" for s in slots)
+    assert cpu_slots(4, cores=2)[0].env["OMP_NUM_THREADS"] == "1"
+
+
+def sweep_cmd(study: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "initstudy.cli", "sweep", str(study), "--out", str(out),
+            "--gpus", "none", "--workers", "2", *extra]
+
+
+def tiny_study(tmp_path, tiny_data, schemes, seeds=2, epochs=1, **extra) -> Path:
+    options = dict(name="tiny", data_dir=str(tiny_data), dataset="mnist", schemes=schemes,
+                   seeds=seeds, epochs=epochs, batch_size=50, lr=0.01, device="cpu") | extra
+    return write_study(tmp_path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items()))
+
+
+def test_real_small_sweep_end_to_end_with_wandb_offline(tmp_path, tiny_data, monkeypatch):
+    study = tiny_study(tmp_path, tiny_data, ["default", "xavier"])
+    out = tmp_path / "out"
+    result = subprocess.run(sweep_cmd(study, out, "--wandb", "offline"), capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "study summary" in result.stderr and "4/4" in result.stderr
+    runs = plan(load_study(study), out)
+    assert [status(c) for c in runs] == ["ok"] * 4
+    for config in runs:
+        saved = json.loads((Path(config.out) / "config.json").read_text())
+        assert saved["group"] == "tiny" and saved["device_used"] == "cpu"
+        assert saved["env"]["torch_threads"] == 1  # two workers share the two cores
+        offline = list(Path(config.out).glob("wandb/offline-run-*"))
+        assert len(offline) == 1  # each worker made its own wandb run
+    assert (out / "study.toml").read_text() == study.read_text()
+    again = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "4 already finished, 0 to run" in again.stderr
+
+
+CRASHING_INIT = """
+import os, signal
+import torch.nn as nn
+def oom(layer):
+    raise MemoryError("CUDA out of memory (simulated)")
+def killed(layer):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_crashing_run_fails_alone(tmp_path, tiny_data):
+    (tmp_path / "crash.py").write_text(CRASHING_INIT)
+    study = tiny_study(tmp_path, tiny_data, ["default", f"{tmp_path}/crash.py:oom",
+                                             f"{tmp_path}/crash.py:killed"], seeds=1)
+    out = tmp_path / "out"
+    result = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "2 run(s) failed or unfinished" in result.stderr
+    runs = {c.scheme.split(":")[-1]: c for c in plan(load_study(study), out)}
+    assert status(runs["default"]) == "ok"
+    oom = json.loads((Path(runs["oom"].out) / "summary.json").read_text())
+    assert oom["status"] == "failed" and "MemoryError" in oom["error"]
+    assert "MemoryError" in (Path(runs["oom"].out) / "error.txt").read_text()
+    killed = json.loads((Path(runs["killed"].out) / "summary.json").read_text())
+    assert killed["status"] == "failed" and "killed by signal 9" in killed["error"]
+
+    rerun = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, timeout=300)
+    assert "1 already finished, 2 to run" not in rerun.stderr  # failed are not retried...
+    assert "3 already finished, 0 to run" in rerun.stderr or "0 to run" in rerun.stderr
+    retry = subprocess.run(sweep_cmd(study, out, "--retry-failed"), capture_output=True,
+                           text=True, timeout=300)
+    assert "2 to run" in retry.stderr and retry.returncode == 1  # ...unless asked
+
+
+def workers_of(out: Path) -> list[int]:
+    """PIDs of worker processes still running runs in ``out``."""
+    result = subprocess.run(["pgrep", "-f", f"initstudy.sweep .*{out}"], capture_output=True,
+                            text=True)
+    return [int(p) for p in result.stdout.split()]
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_killed_sweep_resumes_with_every_run_done_exactly_once(tmp_path, tiny_data, how):
+    study = tiny_study(tmp_path, tiny_data, ["default", "xavier", "kaiming"], seeds=2,
+                       epochs=4)
+    out = tmp_path / "out"
+    runs = plan(load_study(study), out)
+    sweep = subprocess.Popen(sweep_cmd(study, out, "--wandb", "disabled"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    assert wait_for(lambda: any(status(c) == "ok" for c in runs) and
+                    any(status(c) == "running" for c in runs), timeout=120)
+    finished_before = {c.run_id: (Path(c.out) / "summary.json").read_text()
+                       for c in runs if status(c) == "ok"}
+    if how == "SIGKILL":
+        sweep.kill()
+    else:  # a terminal's Ctrl-C reaches the whole foreground process group
+        os.killpg(sweep.pid, signal.SIGINT)
+    code = sweep.wait(timeout=60)
+    assert code == (-9 if how == "SIGKILL" else 130)
+    assert wait_for(lambda: not workers_of(out), timeout=30)  # no orphan trains on
+    left = {status(c) for c in runs} - {"ok"}
+    assert left <= {"running", "pending", "interrupted"} and left
+    if how == "Ctrl-C":
+        assert "running" not in left  # interrupted workers said so
+
+    result = subprocess.run(sweep_cmd(study, out, "--wandb", "disabled"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(finished_before)} already finished" in result.stderr
+    for config in runs:
+        assert status(config) == "ok"
+        records = [json.loads(line) for line in
+                   (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records if "epoch" in r] == [0, 1, 2, 3, 4]  # once each
+        for path in Path(config.out).iterdir():
+            if path.suffix == ".json":
+                json.loads(path.read_text())  # no corrupt file
+        assert not list(Path(config.out).glob(".*.tmp"))
+    for run_id, text in finished_before.items():  # not redone
+        assert (out / run_id / "summary.json").read_text() == text
+
+
+def test_sweep_cli_dry_run_and_errors(tmp_path, tiny_data):
+    study = tiny_study(tmp_path, tiny_data, ["default", "kaiming"], seeds=2, lr=[0.01, 0.1])
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", str(study), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 0 and "8 runs" in result.stdout and "pending" in result.stdout
+    assert not (tmp_path / "o").exists()
+    bad = runner.invoke(app, ["sweep", str(tmp_path / "missing.toml")])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: cannot read study file")
+    gpus = runner.invoke(app, ["sweep", str(study), "--gpus", "7"])
+    assert gpus.exit_code == 2 and "GPU 7 is not visible" in gpus.stderr
+
+
+def test_two_sweeps_cannot_share_a_folder(tmp_path):
+    from initstudy.sweep import OutLock
+
+    held = OutLock(tmp_path)
+    with pytest.raises(StudyError, match="another sweep is running"):
+        OutLock(tmp_path)
+    del held
