@@ -138,6 +138,7 @@ def sweep_command(
     time: int = typer.Option(60, help="Slurm time limit per task, minutes."),
     mem: Optional[str] = typer.Option(None, help="Slurm memory per task, e.g. 8G."),
     runs_per_task: int = typer.Option(1, help="Slurm: runs per array task."),
+    cpus_per_task: int = typer.Option(1, help="Slurm CPUs per task (torch threads)."),
     data_dir: Optional[str] = typer.Option(None, help="Data root for every run."),
     wandb: Optional[str] = typer.Option(None, help="offline | online | disabled "
                                         "[default: $WANDB_MODE, else offline]."),
@@ -150,7 +151,8 @@ def sweep_command(
     if backend not in ("local", "slurm"):
         raise InitStudyError(f"unknown backend '{backend}'; choose local or slurm")
     for name, value in (("--jobs-per-gpu", jobs_per_gpu), ("--workers", workers),
-                        ("--runs-per-task", runs_per_task), ("--time", time)):
+                        ("--runs-per-task", runs_per_task), ("--time", time),
+                        ("--cpus-per-task", cpus_per_task)):
         if value < 1:
             raise InitStudyError(f"{name} must be at least 1, got {value}")
     overrides = {k: v for k, v in dict(data_dir=data_dir, wandb=wandb,
@@ -170,7 +172,8 @@ def sweep_command(
     counts = sweep(loaded, out, backend=backend, gpus=gpu_ids, jobs_per_gpu=jobs_per_gpu,
                    workers=workers, retry_failed=retry_failed, overrides=overrides,
                    slurm=dict(partition=partition, gpus_per_task=gpus_per_task, time_min=time,
-                              mem=mem, runs_per_task=runs_per_task))
+                              mem=mem, runs_per_task=runs_per_task,
+                              cpus_per_task=cpus_per_task))
     not_done = sum(n for st, n in counts.items() if st not in ("ok", "diverged"))
     if not_done:
         typer.echo(f"{not_done} run(s) failed or unfinished: see their summary.json and "

@@ -293,6 +293,8 @@ class SlurmChunk:
     def __call__(self, configs: list[dict[str, Any]]) -> list[str]:
         import torch
 
+        if os.environ.get("SLURM_CPUS_PER_TASK"):  # use what Slurm gave this task, no more
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         results = []
         for data in configs:
@@ -307,16 +309,16 @@ class SlurmChunk:
         return submitit.helpers.DelayedSubmission(self, configs)
 
 
-def submit_slurm(runs: list[RunConfig], out: Path, partition: str | None,
-                 gpus_per_task: int, time_min: int, mem: str | None, runs_per_task: int,
-                 cpus_per_task: int | None = None) -> list:
+def submit_slurm(runs: list[RunConfig], out: Path, partition: str | None = None,
+                 gpus_per_task: int = 0, time_min: int = 60, mem: str | None = None,
+                 runs_per_task: int = 1, cpus_per_task: int = 1) -> list:
     """Submit ``runs`` as one Slurm job array, ``runs_per_task`` runs per task; return the
     submitit jobs."""
     try:
         import submitit
     except ImportError:
         raise StudyError("--backend slurm needs submitit: pip install submitit") from None
-    executor = submitit.SlurmExecutor(folder=out / ".slurm" / "%A_%a", max_num_timeout=5)
+    executor = submitit.SlurmExecutor(folder=out / ".slurm" / "%j", max_num_timeout=5)
     executor.update_parameters(
         job_name=f"initstudy-{out.name}", partition=partition, time=time_min, mem=mem,
         gpus_per_task=gpus_per_task or None, cpus_per_task=cpus_per_task,
@@ -330,18 +332,28 @@ def submit_slurm(runs: list[RunConfig], out: Path, partition: str | None,
                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from None
 
 
+def slurm_pending(array_id: str) -> bool:
+    """Whether any task of the job array is still queued or running (requeued ones included).
+    Asks squeue directly: submitit's status calls go through sacct, which a cluster without
+    accounting answers only with warnings."""
+    result = subprocess.run(["squeue", "-h", "-j", array_id, "-o", "%i"], capture_output=True,
+                            text=True)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
 def wait_slurm(jobs: list, runs: list[RunConfig], report=None, poll_s: float = 2.0) -> None:
-    """Wait for the job array, reporting runs as their folders say they end."""
+    """Wait for the job array to leave the queue, reporting runs as their folders change."""
     report = report or (lambda *args: None)
+    array_ids = sorted({job.job_id.split("_")[0] for job in jobs})
     seen: dict[str, str] = {}
     while True:
-        finished = all(job.done() for job in jobs)
+        queued = any(slurm_pending(array_id) for array_id in array_ids)
         for config in runs:
             current = status(config)
-            if current != seen.get(config.run_id):
-                seen[config.run_id] = current
+            if current != seen.get(config.run_id, "pending"):
                 report("end" if current in (*DONE, "failed") else "start", config, current)
-        if finished:
+            seen[config.run_id] = current
+        if not queued:
             return
         time.sleep(poll_s)
 
