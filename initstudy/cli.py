@@ -13,10 +13,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import RunConfig
+from .diagnostics import inspect_scheme
+from .model import LeNet, init_layers
+from .plots import layer_pictures
 from .errors import InitStudyError
-from .schemes import DEFAULT_SCHEMES, SCHEMES
+from .schemes import DEFAULT_SCHEMES, SCHEMES, apply_scheme
 from .sweep import load_study, plan, plan_table, sweep, visible_gpus
-from .tracking import check_wandb_online, wandb_mode
+from .tracking import check_wandb_online, wandb_mode, write_json_atomic
 from .training import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -107,6 +110,46 @@ def run(
             f"  on {summary['dataset']}  {summary['wall_seconds']:.1f} s"
             f"  -> {config.run_dir}")
     typer.echo(line)
+
+
+@app.command()
+@_clean_errors
+def inspect(
+    scheme: str = typer.Option(..., help="Init scheme spec."),
+    seed: int = typer.Option(0, help="Init seed."),
+    dataset: str = typer.Option("mnist", help="Where the diagnostics batch comes from."),
+    data_dir: Optional[str] = typer.Option(None),
+    batch: int = typer.Option(256, help="Images in the diagnostics batch."),
+    layer: str = typer.Option("features.0", help="Layer to draw (--plot)."),
+    plot: Optional[Path] = typer.Option(None, help="PNG: the layer's 30-bin weight histogram "
+                                        "and bias plot, beside the default init's."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the diagnostics as "
+                                            "JSON (the shape of init_diagnostics.json)."),
+) -> None:
+    """Signal propagation of a freshly initialised model, without training."""
+    report, model = inspect_scheme(scheme, seed, dataset, data_dir, batch)
+    layers = [name for name, _ in init_layers(model)]
+    if layer not in layers:
+        raise InitStudyError(f"unknown layer '{layer}'; layers: {', '.join(layers)}")
+    table = Table(title=f"{scheme} at init, seed {seed}, {report['batch']} images of "
+                        f"{report['dataset']}")
+    for column in ("layer", "out mean", "out std", "act std", "dead frac", "grad out std",
+                   "weight grad norm"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3g}"
+    for row in report["layers"]:
+        table.add_row(row["name"], *(fmt(row[k]) for k in (
+            "out_mean", "out_std", "act_std", "dead_frac", "grad_out_std", "weight_grad_norm")))
+    console = Console(width=max(110, Console().width))
+    console.print(table)
+    console.print(f"logit std {report['logit_std']:.4g}   max prob (mean) "
+                  f"{report['max_prob_mean']:.4f}   loss {report['loss']:.4f}")
+    if json_out:
+        write_json_atomic(json_out, report)
+    if plot:
+        default = apply_scheme(LeNet(), "default", seed=seed)
+        layer_pictures({"default": default, scheme: model}, layer, plot)
+        console.print(f"wrote {plot}")
 
 
 def _gpu_list(text: Optional[str]) -> Optional[list[int]]:

@@ -56,6 +56,7 @@ class RunConfig:
     loss: str = "ce"  # "ce": cross-entropy from logits; "prob-ce": CrossEntropyLoss on softmax
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 50  # steps between train/loss records
+    diag_batch: int = 256  # images for the init diagnostics (a fixed seeded batch); 0: none
     out: str | None = None  # run folder; None means runs/<run name>
     wandb: str | None = None  # offline | online | disabled; None: $WANDB_MODE, else offline
     wandb_project: str = "initstudy"
@@ -99,6 +100,7 @@ class RunConfig:
             (self.momentum >= 0, f"momentum must be non-negative, got {self.momentum}"),
             (self.weight_decay >= 0, f"weight decay must be non-negative, got {self.weight_decay}"),
             (self.log_every >= 1, f"log interval must be at least 1, got {self.log_every}"),
+            (self.diag_batch >= 0, f"diagnostics batch must be >= 0, got {self.diag_batch}"),
             (self.train_subset is None or self.train_subset >= 1,
              f"train subset must be at least 1, got {self.train_subset}"),
             (self.optimizer in OPTIMIZERS,

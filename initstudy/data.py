@@ -251,3 +251,11 @@ def batches(images: torch.Tensor, labels: torch.Tensor, dataset: str, batch_size
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         yield normalise(images[idx], dataset), labels[idx]
+
+
+def random_batch(images: torch.Tensor, labels: torch.Tensor, dataset: str, n: int,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` distinct images (normalised) and their labels, drawn from ``generator`` (default:
+    the global RNG) on the CPU, on the data's device."""
+    idx = torch.randperm(len(labels), generator=generator)[:n].to(labels.device)
+    return normalise(images[idx], dataset), labels[idx]

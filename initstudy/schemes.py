@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SchemeError
+from .model import init_layers
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,16 @@ class Scheme:
     linear: str
     biases: str
     params: dict[str, Param] = field(default_factory=dict)
+    # Data-dependent schemes: ``data_init(model, images, **params)`` runs after ``init``.
+    data_init: Callable[..., None] | None = None
 
 
 SCHEMES: dict[str, Scheme] = {}
 
 
 def _register(name: str, init: Callable[..., None], conv: str, linear: str, biases: str,
-              **params: Param) -> None:
-    SCHEMES[name] = Scheme(name, init, conv, linear, biases, params)
+              data_init: Callable[..., None] | None = None, **params: Param) -> None:
+    SCHEMES[name] = Scheme(name, init, conv, linear, biases, params, data_init)
 
 
 def _set_bias(layer: nn.Module, bias: float | str) -> None:
@@ -193,6 +196,40 @@ _register("sparse", _weight_init(_sparse), "sparse_ on the (out, in*kh*kw) view"
           "sparse_: N(0, std), a fraction `sparsity` of each column zero", POLICY,
           sparsity=_float(0.1), std=_float(0.01), bias=BIAS)
 
+
+
+def _output_var(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> float:
+    """Variance of ``layer``'s output on ``images`` (read in the hook, before an in-place ReLU)."""
+    seen = []
+    hook = layer.register_forward_hook(lambda m, i, out: seen.append(out.var().item()))
+    try:
+        model.logits(images)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _lsuv(model: nn.Module, images: torch.Tensor, tol: float, max_iter: int,
+          batch: int) -> None:
+    """LSUV (Mishkin & Matas, 2015): layer by layer in forward order, divide the weights by the
+    std of the layer's output on the batch until its variance is within ``tol`` of 1."""
+    was_training = model.training
+    model.eval()  # no dropout: the same batch gives the same variance
+    for _, layer in init_layers(model):
+        for _ in range(max_iter):
+            var = _output_var(model, layer, images)
+            if abs(var - 1) < tol or not math.isfinite(var) or var == 0:
+                break  # done, or nothing a rescaling can fix (a dead layer)
+            layer.weight.div_(math.sqrt(var))
+    model.train(was_training)
+
+
+_register("lsuv", _weight_init(nn.init.orthogonal_),
+          "orthogonal_, then scaled until the output variance on a data batch is 1",
+          "same as conv", "zeros", data_init=_lsuv,
+          tol=_float(0.1), max_iter=Param(10, _integer, "a positive integer"),
+          batch=Param(256, _integer, "a positive integer (images)"))
+
 # The six schemes a study compares unless told otherwise.
 DEFAULT_SCHEMES = ("default", "normal", "xavier", "kaiming", "orthogonal", "custom")
 
@@ -205,6 +242,7 @@ class ResolvedScheme:
     name: str
     params: dict[str, Any]
     apply_fn: Callable[[nn.Module], None]
+    data_init: Callable[..., None] | None = None
 
 
 def _known() -> str:
@@ -274,25 +312,34 @@ def resolve(spec: str) -> ResolvedScheme:
         scheme = SCHEMES[name]
         params = _parse_params(scheme, rest)
 
+        layer_params = {k: v for k, v in params.items()
+                        if scheme.data_init is None or k == "bias"}
+
         def apply_fn(module: nn.Module) -> None:
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                scheme.init(module, **params)
+                scheme.init(module, **layer_params)
 
-        return ResolvedScheme(name, params, apply_fn)
+        return ResolvedScheme(name, params, apply_fn, scheme.data_init)
     if rest and "=" not in rest and rest.isidentifier():
         return ResolvedScheme(spec, {}, _load_user_function(name, rest))
     raise SchemeError(f"unknown scheme '{name}'; known schemes: {_known()}; "
                       f"or module.path:function / file.py:function for your own")
 
 
-def apply_scheme(model: nn.Module, spec: str, seed: int = 0) -> nn.Module:
+def apply_scheme(model: nn.Module, spec: str, seed: int = 0,
+                 data: Callable[[int], torch.Tensor] | None = None) -> nn.Module:
     """Initialise ``model`` in place by ``spec`` from the init seed, and return it.
 
     Every layer is first reset to PyTorch's default init, then the scheme is applied with
     ``model.apply``; all draws come from the global RNG forked and seeded with ``seed``, so the
     same seed gives bit-identical weights and parameters a scheme leaves untouched are seeded too.
+    Data-dependent schemes (``lsuv``) call ``data(n)`` for ``n`` normalised training images on
+    the model's device (drawn inside the seeded fork, so the batch is seeded too).
     """
     resolved = resolve(spec)
+    if resolved.data_init is not None and data is None:
+        raise SchemeError(f"scheme '{resolved.name}' needs training images: "
+                          f"apply_scheme(model, '{spec}', data=lambda n: images[:n])")
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=cuda), torch.no_grad():
         torch.manual_seed(seed)
@@ -301,6 +348,9 @@ def apply_scheme(model: nn.Module, spec: str, seed: int = 0) -> nn.Module:
                 module.reset_parameters()
         try:
             model.apply(resolved.apply_fn)
+            if resolved.data_init is not None:
+                images = data(resolved.params["batch"])
+                resolved.data_init(model, images, **resolved.params)
         except Exception as exc:
             raise SchemeError(f"scheme '{spec}' failed: {type(exc).__name__}: {exc}") from exc
     return model

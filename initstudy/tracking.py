@@ -6,14 +6,16 @@ Layout of ``<run dir>/``:
 - ``metrics.jsonl``: one JSON object a line. Step records ``{"step", "train/loss",
   "grad_norm/<layer>"...}`` every ``log_every`` steps and at each epoch's end (the mean loss
   since the previous record; each layer's weight-gradient norm at that step); epoch records ``{"epoch",
-  "step", "train/loss", "train/acc", "test/loss", "test/acc", "lr"}``, epoch 0 being the
-  model at init (its train/* are null: nothing was trained yet).
+  "step", "train/loss", "train/acc", "test/loss", "test/acc", "lr", "weight_std/<layer>"...,
+  "rel_update/<layer>"...}``, epoch 0 being the model at init (its train/* are null: nothing
+  was trained yet). ``rel_update`` is ||W_end - W_start|| / ||W_start|| over the epoch.
 - ``histograms.jsonl``: one line per parameter tensor at init (epoch 0) and after every epoch:
   ``{"epoch", "step", "layer", "param" ("weight"|"bias"), "count", "nonfinite", "mean",
   "std", "min", "max", "edges" (31 floats), "counts" (30 ints)}``, 30 bins over the finite
   values, as the document's ``plt.hist(..., bins=30)``.
 - ``summary.json``: ``status`` (running | ok | diverged | failed | interrupted) and the final
   numbers. A run killed outright stays ``running``.
+- ``init_diagnostics.json``: signal propagation at init (see ``diagnostics.init_diagnostics``).
 - ``error.txt``: the traceback of a failed run.
 
 JSON files are replaced atomically (write to a temporary file, fsync, rename), so a killed
@@ -217,7 +219,7 @@ class WandbMirror:
             tags=[scheme_name, config.dataset_used], config=config.to_dict(),
             settings=wandb.Settings(silent=True, console="off"), reinit="create_new")
         self.run.define_metric("epoch")
-        for key in (*EPOCH_KEYS, "weights/*", "biases/*"):
+        for key in (*EPOCH_KEYS, "weights/*", "biases/*", "weight_std/*", "rel_update/*"):
             self.run.define_metric(key, step_metric="epoch")
 
     def _give_up(self, exc: Exception) -> None:
@@ -275,6 +277,14 @@ class Tracker:
         if self.mirror:
             data = {k: v for k, v in record.items() if k not in ("step", "train/loss")}
             self.mirror.log(data | {"train/loss_epoch": record["train/loss"]}, record["step"])
+
+    def init_diagnostics(self, report: dict[str, Any]) -> None:
+        write_json_atomic(self.folder.path / "init_diagnostics.json", report)
+        if self.mirror:
+            flat = {f"init/{k}": v for k, v in report.items() if k != "layers"}
+            for layer in report["layers"]:
+                flat |= {f"init/{layer['name']}/{k}": v for k, v in layer.items() if k != "name"}
+            self.mirror.log(flat, 0)
 
     def histograms(self, epoch: int, step: int,
                    layers: Iterable[tuple[str, torch.nn.Module]]) -> None:

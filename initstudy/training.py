@@ -15,13 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .config import RunConfig, environment, resolve_device
-from .data import Dataset, batches, load_dataset
+from .data import Dataset, batches, load_dataset, random_batch
+from .diagnostics import init_diagnostics, snapshot, weight_dynamics
 from .errors import RunFailed
 from .model import LeNet, init_layers
 from .schemes import apply_scheme, resolve
 from .tracking import RunFolder, Tracker, WandbMirror, check_wandb_online, wandb_mode
 
 EVAL_BATCH = 1000  # images per evaluation batch: no gradients, so larger than training batches
+DIAG_SEED = 0  # the init diagnostics batch: the same images for every run of a dataset
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,13 @@ def _fit(config: RunConfig, data: Dataset, device: torch.device,
     """The training loop. Losses stay on the device and are read once per ``log_every`` steps,
     so the hot path never waits for the host."""
     started = time.perf_counter()
-    model = apply_scheme(LeNet(), config.scheme, seed=config.seed).to(device)
+    # Init on the CPU, so a seed gives the same weights on every device.
+    model = apply_scheme(LeNet(), config.scheme, seed=config.seed, data=lambda n: random_batch(
+        data.train_images, data.train_labels, data.name, n)[0].cpu()).to(device)
+    if config.diag_batch:
+        x, y = random_batch(data.train_images, data.train_labels, data.name, config.diag_batch,
+                            torch.Generator().manual_seed(DIAG_SEED))
+        tracker.init_diagnostics(init_diagnostics(model, x, y))
     torch.manual_seed(config.effective_data_seed)  # dropout masks (inside train's fork_rng)
     order = torch.Generator().manual_seed(config.effective_data_seed)
     optimizer = make_optimizer(model.parameters(), config)
@@ -132,8 +140,10 @@ def _fit(config: RunConfig, data: Dataset, device: torch.device,
     layers = init_layers(model)
     test = evaluate(model, data.test_images, data.test_labels, data.name)
     tracker.histograms(0, 0, layers)
+    weights = snapshot(model)
     tracker.epoch({"epoch": 0, "step": 0, "train/loss": None, "train/acc": None,
-                   "test/loss": test[0], "test/acc": test[1], "lr": config.lr})
+                   "test/loss": test[0], "test/acc": test[1], "lr": config.lr}
+                  | weight_dynamics(model, weights))
     best_acc, step, train_seconds, images_seen = test[1], 0, 0.0, 0
     window = torch.zeros(config.log_every, device=device)  # losses since the last record
     diverged_step = None
@@ -196,7 +206,8 @@ def _fit(config: RunConfig, data: Dataset, device: torch.device,
             best_acc = max(best_acc, test[1])
             tracker.epoch({"epoch": epoch, "step": step, "train/loss": train_loss,
                            "train/acc": train_acc, "test/loss": test[0], "test/acc": test[1],
-                           "lr": config.lr})
+                           "lr": config.lr} | weight_dynamics(model, weights))
+            weights = snapshot(model)
             tracker.histograms(epoch, step, layers)
             progress.update(task, info=f"loss {train_loss:.4f}  test acc {test[1]:.4f}")
 

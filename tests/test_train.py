@@ -41,8 +41,13 @@ def test_run_folder_contents(tiny_data, tmp_path):
     steps = [r for r in records if "epoch" not in r]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert epochs[0]["step"] == 0 and epochs[0]["train/loss"] is None
+    dynamics = {f"{k}/{layer}" for k in ("weight_std", "rel_update") for layer in LAYERS}
     assert set(epochs[1]) == {"epoch", "step", "train/loss", "train/acc", "test/loss",
-                              "test/acc", "lr"}
+                              "test/acc", "lr"} | dynamics
+    assert all(epochs[1][f"rel_update/{layer}"] > 0 for layer in LAYERS)
+    assert epochs[0]["rel_update/features.0"] == 0.0  # nothing moved before training
+    diagnostics = json.loads((folder / "init_diagnostics.json").read_text())
+    assert [layer["name"] for layer in diagnostics["layers"]] == LAYERS
     assert epochs[-1]["test/acc"] == summary["test/acc"]
     assert summary["best/test/acc"] == max(r["test/acc"] for r in epochs)
     assert [r["step"] for r in steps] == [2, 4, 6, 7, 9, 11, 13, 14]  # every 2, and epoch ends
