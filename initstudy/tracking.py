@@ -12,7 +12,8 @@ Layout of ``<run dir>/``:
 - ``histograms.jsonl``: one line per parameter tensor at init (epoch 0) and after every epoch:
   ``{"epoch", "step", "layer", "param" ("weight"|"bias"), "count", "nonfinite", "mean",
   "std", "min", "max", "edges" (31 floats), "counts" (30 ints)}``, 30 bins over the finite
-  values, as the document's ``plt.hist(..., bins=30)``.
+  values, as the document's ``plt.hist(..., bins=30)``; bias records also hold ``values``,
+  every bias in order (null where not finite), for the document's ``plt.plot`` of biases.
 - ``summary.json``: ``status`` (running | ok | diverged | failed | interrupted) and the final
   numbers. A run killed outright stays ``running``.
 - ``init_diagnostics.json``: signal propagation at init (see ``diagnostics.init_diagnostics``).
@@ -84,6 +85,8 @@ def histogram(name: str, param: str, values: torch.Tensor) -> dict[str, Any]:
     if lo == hi:  # a constant tensor: one bin centred on it, as numpy does
         lo, hi = lo - 0.5, hi + 0.5
     counts, edges = torch.histogram(finite, bins=HISTOGRAM_BINS, range=(lo, hi))
+    if param == "bias":  # few enough to keep: the note plots biases value by value
+        record["values"] = [v if math.isfinite(v) else None for v in flat.tolist()]
     return record | {
         "mean": finite.mean().item(),
         "std": finite.std().item() if finite.numel() > 1 else 0.0,
