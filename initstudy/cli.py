@@ -16,6 +16,7 @@ from .config import RunConfig
 from .diagnostics import inspect_scheme
 from .model import LeNet, init_layers
 from .plots import layer_pictures
+from .report import make_report
 from .errors import InitStudyError
 from .schemes import DEFAULT_SCHEMES, SCHEMES, apply_scheme
 from .sweep import load_study, plan, plan_table, sweep, visible_gpus
@@ -150,6 +151,23 @@ def inspect(
         default = apply_scheme(LeNet(), "default", seed=seed)
         layer_pictures({"default": default, scheme: model}, layer, plot)
         console.print(f"wrote {plot}")
+
+
+@app.command()
+@_clean_errors
+def report(
+    runs_dirs: list[Path] = typer.Argument(..., help="Folders of runs (a sweep's --out) or "
+                                           "single run folders."),
+    out: Path = typer.Option(..., help="Report folder, e.g. reports/NAME."),
+    baseline: str = typer.Option("default", help="Scheme the others are compared against."),
+    target: Optional[float] = typer.Option(None, help="Target test accuracy (0-1) for "
+                                           "'epochs to target' [default: from the data]."),
+    title: Optional[str] = typer.Option(None),
+) -> None:
+    """Compare the schemes of saved runs: tables with intervals, figures, HTML. No training."""
+    readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title)
+    typer.echo(f"wrote {readme}, {out / 'report.html'}, {out / 'results.csv'}, "
+               f"{out / 'figures'}/")
 
 
 def _gpu_list(text: Optional[str]) -> Optional[list[int]]:

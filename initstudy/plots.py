@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -31,3 +34,174 @@ def layer_pictures(models: dict[str, torch.nn.Module], layer: str, path: Path) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _colors(schemes: list[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {s: cmap(i % 10) for i, s in enumerate(schemes)}
+
+
+def _density(record: dict) -> list[float]:
+    """Histogram counts as a probability density (area 1)."""
+    total = sum(record["counts"])
+    return [c / (total * (hi - lo)) for c, lo, hi in
+            zip(record["counts"], record["edges"], record["edges"][1:])]
+
+
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn, no empty legend
+        ax.legend(**kwargs)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _mean_band(runs: list[list[tuple[float, float]]]) -> tuple[list, list, list]:
+    """Mean and std over runs at each x that any run has (runs that stopped early, like
+    diverged ones, drop out of the later points)."""
+    by_x: dict[float, list[float]] = {}
+    for points in runs:
+        for x, y in points:
+            if y is not None and math.isfinite(y):
+                by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    means = [statistics.mean(by_x[x]) for x in xs]
+    stds = [statistics.pstdev(by_x[x]) for x in xs]
+    return xs, means, stds
+
+
+def mean_curves(series: dict[str, list[list[tuple[float, float]]]], path: Path, title: str,
+                xlabel: str, ylabel: str, logy: bool = False) -> Path:
+    """One line per scheme: the mean over its runs, with a band of +-1 std over runs."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for scheme, color in _colors(list(series)).items():
+        xs, means, stds = _mean_band(series[scheme])
+        if not xs:
+            continue
+        n = len(series[scheme])
+        ax.plot(xs, means, color=color, label=f"{scheme} (n={n})")
+        lo = [m - s for m, s in zip(means, stds)]
+        if logy:  # a band below zero cannot be drawn on a log axis
+            lo = [max(v, m * 0.05) for v, m in zip(lo, means)]
+        ax.fill_between(xs, lo, [m + s for m, s in zip(means, stds)], color=color, alpha=0.2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=8)
+    return _save(fig, path)
+
+
+def per_layer_lines(series: dict[str, dict[str, list[list[tuple[float, float]]]]],
+                    layers: list[str], path: Path, title: str, ylabel: str,
+                    logy: bool = True) -> Path:
+    """One panel per layer, one line per scheme (mean over runs) against epoch."""
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.8), squeeze=False)
+    colors = _colors(list(series))
+    for ax, layer in zip(axes[0], layers):
+        for scheme, color in colors.items():
+            xs, means, _ = _mean_band(series[scheme].get(layer, []))
+            if xs:
+                ax.plot(xs, means, marker="o", ms=3, color=color, label=scheme)
+        ax.set(title=layer, xlabel="epoch", ylabel=ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    _legend(axes[0][-1], fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def histogram_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str],
+                   path: Path, title: str) -> Path:
+    """Rows: schemes; columns: layers. Each panel: the 30-bin weight histogram at init and
+    after training (``records[scheme][layer] = (init, final)`` histogram records), as
+    densities, since the two have bins of different widths."""
+    schemes = list(records)
+    fig, axes = plt.subplots(len(schemes), len(layers), squeeze=False,
+                             figsize=(3.2 * len(layers), 2.4 * len(schemes)))
+    for row, scheme in enumerate(schemes):
+        for col, layer in enumerate(layers):
+            ax = axes[row][col]
+            for record, label, color in zip(records[scheme].get(layer, ()), ("init", "final"),
+                                            ("tab:gray", "tab:blue")):
+                if record and record["counts"]:
+                    ax.stairs(_density(record), record["edges"], fill=label == "init",
+                              alpha=0.5 if label == "init" else 1, color=color,
+                              label=f"{label} (epoch {record['epoch']})")
+            ax.set_title(f"{scheme}: {layer}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            if row == len(schemes) - 1:
+                ax.set_xlabel("weight value", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("density", fontsize=8)
+    _legend(axes[0][-1], fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def bias_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str], path: Path,
+              title: str) -> Path:
+    """The note's ``plt.plot`` of biases, value by output unit, at init and after training."""
+    schemes = list(records)
+    fig, axes = plt.subplots(len(schemes), len(layers), squeeze=False,
+                             figsize=(3.2 * len(layers), 2.2 * len(schemes)))
+    for row, scheme in enumerate(schemes):
+        for col, layer in enumerate(layers):
+            ax = axes[row][col]
+            for record, label, color in zip(records[scheme].get(layer, ()), ("init", "final"),
+                                            ("tab:gray", "tab:blue")):
+                if record and record.get("values"):
+                    ax.plot([math.nan if v is None else v for v in record["values"]],
+                            color=color, lw=1, label=label)
+            ax.set_title(f"{scheme}: {layer}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            if row == len(schemes) - 1:
+                ax.set_xlabel("output unit", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("bias value", fontsize=8)
+    _legend(axes[0][-1], fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def depth_profile(profiles: dict[str, dict[str, list[float]]], layers: list[str],
+                  path: Path) -> Path:
+    """Forward (output std) and backward (gradient std) signal against depth, per scheme."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for scheme, color in _colors(list(profiles)).items():
+        for ax, key in zip(axes, ("out_std", "grad_out_std")):
+            values = profiles[scheme].get(key)
+            if values:
+                ax.plot(range(len(layers)), values, marker="o", color=color, label=scheme)
+    for ax, what in zip(axes, ("forward: std of each layer's output (before activation)",
+                               "backward: std of the loss gradient at each layer's output")):
+        ax.set(title=what, xlabel="layer (forward order)", ylabel="std (log scale)")
+        ax.set_xticks(range(len(layers)), layers, fontsize=8)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    _legend(axes[1], fontsize=8)
+    fig.suptitle("signal propagation at init (mean over seeds, 256 training images)")
+    return _save(fig, path)
+
+
+def final_accuracy(points: dict[str, list[float]], intervals: dict[str, tuple[float, float]],
+                   path: Path, title: str) -> Path:
+    """Each run's final test accuracy as a dot, the mean with its 95% bootstrap interval."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (scheme, color) in enumerate(_colors(list(points)).items()):
+        accs = [100 * a for a in points[scheme]]
+        ax.scatter([i] * len(accs), accs, color=color, alpha=0.6, s=18)
+        if accs:
+            mean = statistics.mean(accs)
+            lo, hi = (100 * v for v in intervals[scheme])
+            ax.errorbar(i + 0.15, mean, yerr=[[mean - lo], [hi - mean]], fmt="D",
+                        color="black", ms=5, capsize=4)
+    ax.set_xticks(range(len(points)), list(points), rotation=20)
+    ax.set(title=title, ylabel="final test accuracy (%)", xlabel="scheme")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
