@@ -116,57 +116,53 @@ def per_layer_lines(series: dict[str, dict[str, list[list[tuple[float, float]]]]
     return _save(fig, path)
 
 
-def histogram_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str],
-                   path: Path, title: str) -> Path:
-    """Rows: schemes; columns: layers. Each panel: the 30-bin weight histogram at init and
-    after training (``records[scheme][layer] = (init, final)`` histogram records), as
-    densities, since the two have bins of different widths."""
+def _grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str], path: Path,
+          title: str, draw, xlabel: str, ylabel: str) -> Path:
+    """Rows: schemes; columns: layers. ``draw(ax, record, label, color)`` draws the init and
+    the final record (``records[scheme][layer] = (init, final)``) of each panel."""
     schemes = list(records)
     fig, axes = plt.subplots(len(schemes), len(layers), squeeze=False,
-                             figsize=(3.2 * len(layers), 2.4 * len(schemes)))
+                             figsize=(3.2 * len(layers), 2.3 * len(schemes)))
     for row, scheme in enumerate(schemes):
         for col, layer in enumerate(layers):
             ax = axes[row][col]
             for record, label, color in zip(records[scheme].get(layer, ()), ("init", "final"),
                                             ("tab:gray", "tab:blue")):
-                if record and record["counts"]:
-                    ax.stairs(_density(record), record["edges"], fill=label == "init",
-                              alpha=0.5 if label == "init" else 1, color=color,
-                              label=f"{label} (epoch {record['epoch']})")
+                if record:
+                    draw(ax, record, label, color)
             ax.set_title(f"{scheme}: {layer}", fontsize=9)
             ax.tick_params(labelsize=7)
             if row == len(schemes) - 1:
-                ax.set_xlabel("weight value", fontsize=8)
+                ax.set_xlabel(xlabel, fontsize=8)
             if col == 0:
-                ax.set_ylabel("density", fontsize=8)
+                ax.set_ylabel(ylabel, fontsize=8)
     _legend(axes[0][-1], fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def histogram_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str],
+                   path: Path, title: str) -> Path:
+    """The 30-bin weight histograms at init and after training, per scheme and layer, as
+    densities, since the two have bins of different widths."""
+    def draw(ax, record, label, color):
+        if record["counts"]:
+            ax.stairs(_density(record), record["edges"], fill=label == "init",
+                      alpha=0.5 if label == "init" else 1, color=color,
+                      label=f"{label} (epoch {record['epoch']})")
+
+    return _grid(records, layers, path, title, draw, "weight value", "density")
 
 
 def bias_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str], path: Path,
               title: str) -> Path:
     """The note's ``plt.plot`` of biases, value by output unit, at init and after training."""
-    schemes = list(records)
-    fig, axes = plt.subplots(len(schemes), len(layers), squeeze=False,
-                             figsize=(3.2 * len(layers), 2.2 * len(schemes)))
-    for row, scheme in enumerate(schemes):
-        for col, layer in enumerate(layers):
-            ax = axes[row][col]
-            for record, label, color in zip(records[scheme].get(layer, ()), ("init", "final"),
-                                            ("tab:gray", "tab:blue")):
-                if record and record.get("values"):
-                    ax.plot([math.nan if v is None else v for v in record["values"]],
-                            color=color, lw=1, label=label)
-            ax.set_title(f"{scheme}: {layer}", fontsize=9)
-            ax.tick_params(labelsize=7)
-            if row == len(schemes) - 1:
-                ax.set_xlabel("output unit", fontsize=8)
-            if col == 0:
-                ax.set_ylabel("bias value", fontsize=8)
-    _legend(axes[0][-1], fontsize=7)
-    fig.suptitle(title)
-    return _save(fig, path)
+    def draw(ax, record, label, color):
+        if record.get("values"):
+            ax.plot([math.nan if v is None else v for v in record["values"]], color=color,
+                    lw=1, label=label)
+
+    return _grid(records, layers, path, title, draw, "output unit", "bias value")
 
 
 def depth_profile(profiles: dict[str, dict[str, list[float]]], layers: list[str],
