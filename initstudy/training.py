@@ -73,7 +73,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     ``InitStudyError`` before anything trains. A non-finite loss ends the run with status
     ``diverged``: a result, not an error. Any other exception during training is recorded as
     status ``failed`` with ``error.txt`` and raised as ``RunFailed`` (its cause attached);
-    Ctrl-C is recorded likewise and re-raised as it is. The caller's config and RNG state are
+    Ctrl-C is recorded as ``interrupted`` and re-raised. The caller's config and RNG state are
     left untouched.
     """
     config = dataclasses.replace(config)
