@@ -26,7 +26,12 @@ LOSSES = ("ce", "prob-ce")
 # The fields that decide a run's numbers. Where the data, logs or device are is not among them,
 # so a study finds its finished runs again wherever it runs.
 RESULT_FIELDS = ("scheme", "seed", "data_seed", "dataset", "train_subset", "subset_seed",
-                 "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "loss")
+                 "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "loss",
+                 "precision")
+# What runs trained together as one pack must share: all but the scheme and the seeds.
+PACK_FIELDS = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed")) + (
+    "data_dir", "strict_data", "device", "log_every", "diag_batch", "compile")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -57,6 +62,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 50  # steps between train/loss records
     diag_batch: int = 256  # images for the init diagnostics (a fixed seeded batch); 0: none
+    precision: str = "fp32"  # fp32 | tf32 (CUDA matmuls and convs) | bf16 (autocast)
+    compile: bool = False  # torch.compile the forward passes
     out: str | None = None  # run folder; None means runs/<run name>
     wandb: str | None = None  # offline | online | disabled; None: $WANDB_MODE, else offline
     wandb_project: str = "initstudy"
@@ -108,6 +115,8 @@ class RunConfig:
             (self.loss in LOSSES, f"unknown loss '{self.loss}'; choose from {', '.join(LOSSES)}"),
             (self.dataset in DATASETS,
              f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}"),
+            (self.precision in PRECISIONS,
+             f"unknown precision '{self.precision}'; choose from {', '.join(PRECISIONS)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,4 +1,7 @@
-"""The LeNet of the seed document, kept verbatim so its printout and state_dict match."""
+"""The LeNet of the seed document, kept verbatim so its printout and state_dict match, and a
+pack of them trained together."""
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -36,15 +39,85 @@ class LeNet(nn.Module):
     def forward(self, x):
         return self.classifer[-1](self.logits(x))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything but the final Softmax: the pre-softmax scores a stable loss needs."""
+    def logits(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything but the final Softmax: the pre-softmax scores a stable loss needs.
+
+        ``dropout_mask`` (batch x 84, already scaled by 1/(1-p)), when given, replaces the
+        Dropout layer's own draw, so that a trainer can draw masks from a run's own generator.
+        """
         x = nn.ZeroPad2d((2, 2, 2, 2))(x)
         x = self.features(x)
         for layer in self.classifer[:-1]:
-            x = layer(x)
+            x = x * dropout_mask if dropout_mask is not None and isinstance(
+                layer, nn.Dropout) else layer(x)
         return x
 
 
 def init_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs an init scheme acts on: every Conv2d and Linear, in forward order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+class _Logits(nn.Module):
+    """A module whose forward is ``LeNet.logits``, for ``torch.func.functional_call``."""
+
+    def __init__(self, net: LeNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net.logits(x, dropout_mask)
+
+
+class LeNetPack:
+    """K LeNets trained as one: their parameters stacked along a new first dimension
+    (``torch.func.stack_module_state``) and their forward passes vectorised with ``vmap``.
+    Each model keeps its own weights, data and dropout masks; gradients of a sum of per-model
+    losses are each model's own. K = 1 is plain training, at the same speed."""
+
+    def __init__(self, models: list[LeNet], compile: bool = False):
+        from torch.func import functional_call, stack_module_state, vmap
+
+        wrapped = [_Logits(m) for m in models]
+        self.params, self.buffers = stack_module_state(wrapped)
+        train_base = copy.deepcopy(wrapped[0]).to("meta")
+        eval_base = copy.deepcopy(train_base).eval()
+        self.size = len(models)
+        self.hidden = models[0].classifer[1].out_features  # units under the Dropout
+        self.dropout_p = models[0].classifer[3].p
+
+        def train_logits(params, buffers, x, mask):
+            return functional_call(train_base, (params, buffers), (x, mask))
+
+        def eval_logits(params, buffers, x):
+            return functional_call(eval_base, (params, buffers), (x,))
+
+        self._train = vmap(train_logits)
+        self._eval = vmap(eval_logits, in_dims=(0, 0, None))
+        if compile:
+            self._train = torch.compile(self._train)
+            self._eval = torch.compile(self._eval)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def logits(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Training logits, K x B x 10, of inputs K x B x 1 x 28 x 28 with dropout masks
+        K x B x hidden."""
+        return self._train(self.params, self.buffers, x, masks)
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits, K x B x 10, of the same inputs B x 1 x 28 x 28 for every model."""
+        return self._eval(self.params, self.buffers, x)
+
+    def weight_grad_norms(self) -> torch.Tensor:
+        """K x layers: the norm of each model's weight gradient, layer by layer."""
+        grads = [p.grad for name, p in self.params.items() if name.endswith(".weight")]
+        return torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], 1)
+
+    def model(self, k: int) -> LeNet:
+        """A LeNet holding a copy of model ``k``'s current weights (on their device)."""
+        net = LeNet()
+        net.load_state_dict({name.removeprefix("net."): p[k].detach()
+                             for name, p in {**self.params, **self.buffers}.items()})
+        return net.to(next(iter(self.params.values())).device)

@@ -45,11 +45,12 @@ HISTOGRAM_BINS = 30
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON in one rename, so readers see old or new, never half."""
+    """Replace ``path`` with ``data`` as JSON in one rename, so readers see old or new, never
+    half. Non-finite numbers are written as null, so every JSON reader can read the file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+            json.dump(_finite_or_none(data), f, indent=2, default=str, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -144,10 +145,15 @@ class RunFolder:
         self._append("histograms.jsonl", [{"epoch": epoch, "step": step} | r for r in records])
 
 
-def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN or Infinity: store non-finite numbers as null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()}
+def _finite_or_none(data: Any) -> Any:
+    """JSON has no NaN or Infinity: store non-finite numbers as null, at any depth."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_none(v) for v in data]
+    return data
 
 
 WANDB_MODES = ("offline", "online", "disabled")

@@ -1,12 +1,14 @@
-"""``train(config)``: one training run, recorded in its run folder. Knows nothing of schemes
-beyond ``apply_scheme``."""
+"""``train(config)``: one training run, recorded in its run folder; ``train_pack(configs)``:
+several at once, vectorised. Knows nothing of schemes beyond ``apply_scheme``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -14,11 +16,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .config import RunConfig, environment, resolve_device
-from .data import Dataset, batches, load_dataset, random_batch
+from .config import PACK_FIELDS, RunConfig, environment, resolve_device
+from .data import Dataset, batches, load_dataset, normalise, random_batch
 from .diagnostics import init_diagnostics, snapshot, weight_dynamics
-from .errors import RunFailed
-from .model import LeNet, init_layers
+from .errors import ConfigError, RunFailed
+from .model import LeNet, LeNetPack, init_layers
 from .schemes import apply_scheme, resolve
 from .tracking import RunFolder, Tracker, WandbMirror, check_wandb_online, wandb_mode
 
@@ -48,22 +50,20 @@ def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: LeNet, images: torch.Tensor, labels: torch.Tensor,
-             dataset: str) -> tuple[float, float]:
-    """(loss, accuracy) over a whole split in eval mode. The loss is always the true
-    cross-entropy of the predicted probabilities, whatever the training objective, so runs
-    trained with either loss compare."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=labels.device)
-    correct = torch.zeros((), dtype=torch.long, device=labels.device)
+def evaluate(pack: LeNetPack, images: torch.Tensor, labels: torch.Tensor,
+             dataset: str) -> list[tuple[float, float]]:
+    """(loss, accuracy) of each model of the pack over a whole split, in eval mode. The loss is
+    always the true cross-entropy of the predicted probabilities, whatever the training
+    objective, so runs trained with either loss compare."""
+    loss_sum = torch.zeros(pack.size, device=labels.device)
+    correct = torch.zeros(pack.size, dtype=torch.long, device=labels.device)
     for x, y in batches(images, labels, dataset, EVAL_BATCH):
-        logits = model.logits(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
+        logits = pack.eval_logits(x)  # K x B x 10
+        targets = y.expand(pack.size, -1)
+        loss_sum += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1)
+        correct += (logits.argmax(-1) == targets).sum(1)
     n = len(labels)
-    return (loss_sum / n).item(), (correct / n).item()
+    return list(zip((loss_sum / n).tolist(), (correct / n).tolist()))
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -76,157 +76,244 @@ def train(config: RunConfig) -> dict[str, Any]:
     Ctrl-C is recorded as ``interrupted`` and re-raised. The caller's config and RNG state are
     left untouched.
     """
-    config = dataclasses.replace(config)
-    config.validate()
-    scheme = resolve(config.scheme)  # fail on a bad spec before touching disk or data
-    device = resolve_device(config.device)
-    config.wandb = wandb_mode(config.wandb)
-    if config.wandb == "online":
+    return train_pack([config])[0]
+
+
+@dataclass
+class _Run:
+    """One run's bookkeeping inside a pack."""
+
+    config: RunConfig
+    folder: RunFolder
+    tracker: Tracker
+    summary: dict[str, Any]
+    order: torch.Generator = None  # batch order, on the CPU: the same order on every device
+    dropout: torch.Generator = None  # dropout masks, on the training device
+    diverged_step: int | None = None
+    test: tuple[float, float] = (math.nan, math.nan)
+    best_acc: float = math.nan
+    train_loss: float | None = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
+    """Train several runs at once, vectorised over the runs (``LeNetPack``), and return their
+    summaries in order. The runs may differ only in scheme and seeds (``PACK_FIELDS``); each
+    gets its own init, data order, dropout masks and run folder, with the same results as
+    training it alone (to float tolerance). Errors as for ``train``; a crash fails every run
+    of the pack."""
+    configs = [dataclasses.replace(c) for c in configs]
+    for config in configs:
+        config.validate()
+    first = configs[0]
+    for f in PACK_FIELDS:
+        if any(getattr(c, f) != getattr(first, f) for c in configs):
+            raise ConfigError(f"runs trained as one pack must differ only in scheme and seeds; "
+                              f"'{f}' differs")
+    schemes = [resolve(c.scheme) for c in configs]  # a bad spec fails before disk or data
+    device = resolve_device(first.device)
+    if first.precision == "tf32" and device.type != "cuda":
+        raise ConfigError("precision tf32 needs a CUDA device; use fp32 or bf16 on the CPU")
+    for config in configs:
+        config.wandb = wandb_mode(config.wandb)
+    if any(c.wandb == "online" for c in configs):
         check_wandb_online()
-    folder = RunFolder(config.run_dir)
-    dataset = load_dataset(config.dataset, config.data_dir, config.strict_data)
-    if config.train_subset:
-        dataset = dataset.subset_train(config.train_subset, config.subset_seed)
+    folders = [RunFolder(c.run_dir) for c in configs]
+    dataset = load_dataset(first.dataset, first.data_dir, first.strict_data)
+    if first.train_subset:
+        dataset = dataset.subset_train(first.train_subset, first.subset_seed)
     dataset = dataset.to(device)
-
-    config.dataset_used = dataset.name
-    config.device_used = str(device)
-    config.scheme_params = scheme.params
-    config.env = environment(device) | {
+    env = environment(device) | {
         "data_source": dataset.source, "train_images": len(dataset.train_labels),
-        "test_images": len(dataset.test_labels)}
-    folder.write_config(config.to_dict())
-    mirror = WandbMirror(config, scheme.name) if config.wandb != "disabled" else None
-    tracker = Tracker(folder, mirror)
+        "test_images": len(dataset.test_labels), "pack_size": len(configs)}
 
-    summary: dict[str, Any] = {
-        "status": "running", "run_name": config.run_name, "scheme": config.scheme,
-        "seed": config.seed, "data_seed": config.effective_data_seed,
-        "dataset": dataset.name, "epochs": config.epochs}
-    tracker.summary(summary, final=False)
+    runs = []
+    for config, scheme, folder in zip(configs, schemes, folders):
+        config.dataset_used, config.device_used = dataset.name, str(device)
+        config.scheme_params, config.env = scheme.params, env
+        folder.write_config(config.to_dict())
+        mirror = WandbMirror(config, scheme.name) if config.wandb != "disabled" else None
+        summary = {"status": "running", "run_name": config.run_name, "scheme": config.scheme,
+                   "seed": config.seed, "data_seed": config.effective_data_seed,
+                   "dataset": dataset.name, "epochs": config.epochs}
+        run = _Run(config, folder, Tracker(folder, mirror), summary)
+        run.tracker.summary(summary, final=False)
+        runs.append(run)
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda):
-            summary |= _fit(config, dataset, device, tracker)
+        with torch.random.fork_rng(devices=cuda), _precision(first.precision, device):
+            _fit(runs, dataset, device)
     except BaseException as exc:
         status = "failed" if isinstance(exc, Exception) else "interrupted"  # Ctrl-C, exit
-        summary |= {"status": status, "error": f"{type(exc).__name__}: {exc}"}
-        folder.write_error(traceback.format_exc())
-        tracker.summary(summary)
+        for run in runs:
+            run.summary |= {"status": status, "error": f"{type(exc).__name__}: {exc}"}
+            run.folder.write_error(traceback.format_exc())
+            run.tracker.summary(run.summary)
         if isinstance(exc, Exception):
-            raise RunFailed(f"run failed: {summary['error']} (traceback in "
-                            f"{folder.path / 'error.txt'})") from exc
+            where = runs[0].folder.path / "error.txt"
+            raise RunFailed(f"run failed: {runs[0].summary['error']} (traceback in "
+                            f"{where})") from exc
         raise
-    tracker.summary(summary)
-    return summary
+    for run in runs:
+        run.tracker.summary(run.summary)
+    return [run.summary for run in runs]
 
 
-def _fit(config: RunConfig, data: Dataset, device: torch.device,
-         tracker: Tracker) -> dict[str, Any]:
-    """The training loop. Losses stay on the device and are read once per ``log_every`` steps,
-    so the hot path never waits for the host."""
+@contextlib.contextmanager
+def _precision(precision: str, device: torch.device):
+    """fp32 as it is; tf32 lets CUDA matmuls and convs round inputs to 10 mantissa bits; bf16
+    runs the forward pass under autocast. Global switches are restored afterwards."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32":
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    else:
+        yield
+
+
+def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
+    """The training loop over a pack. Losses stay on the device and are read once per
+    ``log_every`` steps, so the hot path never waits for the host."""
     started = time.perf_counter()
+    first = runs[0].config
+    k_runs, n = len(runs), len(data.train_labels)
+
+    def draw(count: int) -> torch.Tensor:  # for data-dependent inits, seeded by apply_scheme
+        return random_batch(data.train_images, data.train_labels, data.name, count)[0].cpu()
+
     # Init on the CPU, so a seed gives the same weights on every device.
-    model = apply_scheme(LeNet(), config.scheme, seed=config.seed, data=lambda n: random_batch(
-        data.train_images, data.train_labels, data.name, n)[0].cpu()).to(device)
-    if config.diag_batch:
-        x, y = random_batch(data.train_images, data.train_labels, data.name, config.diag_batch,
+    models = [apply_scheme(LeNet(), r.config.scheme, seed=r.config.seed, data=draw).to(device)
+              for r in runs]
+    if first.diag_batch:
+        x, y = random_batch(data.train_images, data.train_labels, data.name, first.diag_batch,
                             torch.Generator().manual_seed(DIAG_SEED))
-        tracker.init_diagnostics(init_diagnostics(model, x, y))
-    torch.manual_seed(config.effective_data_seed)  # dropout masks (inside train's fork_rng)
-    order = torch.Generator().manual_seed(config.effective_data_seed)
-    optimizer = make_optimizer(model.parameters(), config)
-    objective = OBJECTIVES[config.loss]
-    layers = init_layers(model)
-    test = evaluate(model, data.test_images, data.test_labels, data.name)
-    tracker.histograms(0, 0, layers)
-    weights = snapshot(model)
-    tracker.epoch({"epoch": 0, "step": 0, "train/loss": None, "train/acc": None,
-                   "test/loss": test[0], "test/acc": test[1], "lr": config.lr}
-                  | weight_dynamics(model, weights))
-    best_acc, step, train_seconds, images_seen = test[1], 0, 0.0, 0
-    window = torch.zeros(config.log_every, device=device)  # losses since the last record
-    diverged_step = None
-    steps_per_epoch = -(-len(data.train_labels) // config.batch_size)
+        for run, model in zip(runs, models):
+            run.tracker.init_diagnostics(init_diagnostics(model, x, y))
+    pack = LeNetPack(models, compile=first.compile)
+    layers = [name for name, _ in init_layers(models[0])]
+    for run in runs:
+        seed = run.config.effective_data_seed
+        run.order = torch.Generator().manual_seed(seed)
+        run.dropout = torch.Generator(device=device).manual_seed(seed)
+    optimizer = make_optimizer(pack.parameters(), first)
+    objective = torch.func.vmap(OBJECTIVES[first.loss])
+    _record_epoch(runs, pack, data, 0, 0, None)
+    step, train_seconds = 0, 0.0
+    window = torch.zeros(k_runs, first.log_every, device=device)  # losses since last record
+    steps_per_epoch = -(-n // first.batch_size)
+    keep = 1 - pack.dropout_p
 
-    def flush(filled: int) -> int | None:
-        """Record the window's mean loss and each layer's weight-gradient norm (of the last
-        step); return the 1-based step of the first non-finite loss in the window, if any.
+    def flush(filled: int) -> None:
+        """Record each live run's mean loss over the window and its weight-gradient norms (of
+        the last step), or its divergence: the 1-based step of its first non-finite loss.
         This is the hot path's only host sync."""
-        grads = torch.stack([torch.linalg.vector_norm(layer.weight.grad) for _, layer in layers])
-        stats = torch.cat([window[:filled], grads]).cpu()
-        losses, norms = stats[:filled], stats[filled:].tolist()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            return step - filled + int(bad[0]) + 1
-        tracker.step(step, losses.mean().item(), {
-            f"grad_norm/{name}": norm if math.isfinite(norm) else None
-            for (name, _), norm in zip(layers, norms)})
-        return None
+        stats = torch.cat([window[:, :filled], pack.weight_grad_norms()], 1).cpu()
+        for run, row in zip(runs, stats):
+            if run.diverged_step:
+                continue
+            losses, norms = row[:filled], row[filled:].tolist()
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                run.diverged_step = step - filled + int(bad[0]) + 1
+                continue
+            run.tracker.step(step, losses.mean().item(), {
+                f"grad_norm/{name}": norm if math.isfinite(norm) else None
+                for name, norm in zip(layers, norms)})
 
-    with _progress(config) as progress:
-        for epoch in range(1, config.epochs + 1):
-            task = progress.add_task(f"epoch {epoch}/{config.epochs}", total=steps_per_epoch,
+    with _progress(first, k_runs) as progress:
+        for epoch in range(1, first.epochs + 1):
+            task = progress.add_task(f"epoch {epoch}/{first.epochs}", total=steps_per_epoch,
                                      info="")
-            model.train()
             epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
+            loss_sum = torch.zeros(k_runs, device=device)
+            correct = torch.zeros(k_runs, dtype=torch.long, device=device)
+            order = torch.stack([torch.randperm(n, generator=r.order) for r in runs]).to(device)
             filled = 0
-            for x, y in batches(data.train_images, data.train_labels, data.name,
-                                config.batch_size, order):
-                logits = model.logits(x)
-                loss = objective(logits, y)
+            for start in range(0, n, first.batch_size):
+                idx = order[:, start:start + first.batch_size]  # K x B
+                batch = idx.shape[1]
+                x = normalise(data.train_images[idx.flatten()], data.name).view(
+                    k_runs, batch, 1, 28, 28)
+                y = data.train_labels[idx]
+                masks = torch.stack([torch.rand(batch, pack.hidden, generator=r.dropout,
+                                                device=device) for r in runs]).ge_(
+                    pack.dropout_p).div_(keep)
+                logits = pack.logits(x, masks)
+                losses = objective(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                losses.sum().backward()  # each run's gradient is its own loss's
                 optimizer.step()
                 step += 1
-                images_seen += len(y)
-                window[filled] = loss.detach()
+                window[:, filled] = losses.detach()
                 filled += 1
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                if filled == config.log_every:
-                    diverged_step = flush(filled)
+                loss_sum += losses.detach() * batch
+                correct += (logits.argmax(-1) == y).sum(1)
+                if filled == first.log_every:
+                    flush(filled)
                     filled = 0
-                    if diverged_step:
+                    if all(r.diverged_step for r in runs):
                         break
                 progress.advance(task)
-            if filled and not diverged_step:
-                diverged_step = flush(filled)
+            if filled:
+                flush(filled)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - epoch_start
-            if diverged_step:
-                progress.update(task, info=f"[red]diverged at step {diverged_step}")
+            if all(r.diverged_step for r in runs):
+                progress.update(task, info="[red]diverged")
                 break
-            n = len(data.train_labels)
-            train_loss, train_acc = (loss_sum / n).item(), (correct / n).item()
-            test = evaluate(model, data.test_images, data.test_labels, data.name)
-            best_acc = max(best_acc, test[1])
-            tracker.epoch({"epoch": epoch, "step": step, "train/loss": train_loss,
-                           "train/acc": train_acc, "test/loss": test[0], "test/acc": test[1],
-                           "lr": config.lr} | weight_dynamics(model, weights))
-            weights = snapshot(model)
-            tracker.histograms(epoch, step, layers)
-            progress.update(task, info=f"loss {train_loss:.4f}  test acc {test[1]:.4f}")
+            train = list(zip((loss_sum / n).tolist(), (correct / n).tolist()))
+            _record_epoch(runs, pack, data, epoch, step, train)
+            live = [r for r in runs if not r.diverged_step]
+            progress.update(task, info=f"test acc {max(r.test[1] for r in live):.4f}"
+                            + (" (best of pack)" if k_runs > 1 else ""))
 
-    if diverged_step:
-        test = evaluate(model, data.test_images, data.test_labels, data.name)
-        tracker.histograms(epoch, step, layers)
-    return {
-        "status": "diverged" if diverged_step else "ok",
-        "diverged_step": diverged_step,
-        "steps": step,
-        "train/loss": None if diverged_step else train_loss,
-        "test/loss": test[0], "test/acc": test[1], "best/test/acc": best_acc,
-        "wall_seconds": time.perf_counter() - started,
-        "train_seconds": train_seconds,
-        "images_per_second": images_seen / train_seconds if train_seconds else None,
-    }
+    diverged = [k for k, r in enumerate(runs) if r.diverged_step]
+    if diverged:  # the final state of a diverged run: its weights where it stopped
+        results = evaluate(pack, data.test_images, data.test_labels, data.name)
+        for k in diverged:
+            runs[k].test = results[k]
+            runs[k].tracker.histograms(epoch, step, init_layers(pack.model(k)))
+    wall = time.perf_counter() - started
+    for run in runs:
+        run.summary |= {
+            "status": "diverged" if run.diverged_step else "ok",
+            "diverged_step": run.diverged_step, "steps": step,
+            "train/loss": None if run.diverged_step else run.train_loss,
+            "test/loss": run.test[0], "test/acc": run.test[1], "best/test/acc": run.best_acc,
+            "wall_seconds": wall, "train_seconds": train_seconds,
+            "images_per_second": step * first.batch_size / train_seconds
+            if train_seconds else None}
 
 
-def _progress(config: RunConfig) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+def _record_epoch(runs: list[_Run], pack: LeNetPack, data: Dataset, epoch: int, step: int,
+                  train: list[tuple[float, float]] | None) -> None:
+    """Evaluate the pack and write each live run's epoch record and histograms; ``train`` is
+    each run's (loss, accuracy) over the epoch, None at init."""
+    results = evaluate(pack, data.test_images, data.test_labels, data.name)
+    for k, run in enumerate(runs):
+        if run.diverged_step:
+            continue
+        model = pack.model(k)
+        run.test = results[k]
+        run.best_acc = max(run.best_acc, run.test[1]) if epoch else run.test[1]
+        run.train_loss = train[k][0] if train else None
+        record = {"epoch": epoch, "step": step, "train/loss": run.train_loss,
+                  "train/acc": train[k][1] if train else None, "test/loss": run.test[0],
+                  "test/acc": run.test[1], "lr": run.config.lr}
+        run.tracker.epoch(record | weight_dynamics(model, run.weights or snapshot(model)))
+        run.tracker.histograms(epoch, step, init_layers(model))
+        run.weights = snapshot(model)
+
+
+def _progress(config: RunConfig, runs: int) -> Progress:
+    label = f"{runs} runs " if runs > 1 else ""
+    return Progress(TextColumn(label + "{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                     console=Console(stderr=True), disable=config.quiet)

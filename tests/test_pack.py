@@ -1,0 +1,81 @@
+"""Packing: runs trained together with torch.func give the metrics of each trained alone."""
+
+import json
+
+import pytest
+import torch
+
+from initstudy import RunConfig, train
+from initstudy.errors import ConfigError
+from initstudy.model import LeNet, LeNetPack
+from initstudy.schemes import apply_scheme
+from initstudy.tracking import read_jsonl
+from initstudy.training import train_pack
+
+
+def configs(tiny_data, root, **overrides):
+    common = dict(data_dir=str(tiny_data), epochs=2, batch_size=32, lr=0.01, log_every=3,
+                  device="cpu", quiet=True) | overrides
+    return [RunConfig(scheme="kaiming", seed=0, out=str(root / "a"), **common),
+            RunConfig(scheme="xavier", seed=1, data_seed=7, out=str(root / "b"), **common),
+            RunConfig(scheme="custom", seed=2, out=str(root / "c"), **common)]
+
+
+def close(a, b, rel=1e-4):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-6, nan_ok=True)
+    return a == b
+
+
+def test_packed_runs_match_solo_runs(tiny_data, tmp_path):
+    packed = train_pack(configs(tiny_data, tmp_path / "packed"))
+    solo = [train(c) for c in configs(tiny_data, tmp_path / "solo")]
+    for p, s, name in zip(packed, solo, "abc"):
+        assert p["status"] == s["status"]
+        for key in ("test/acc", "test/loss", "best/test/acc", "train/loss"):
+            assert close(p[key], s[key]), (name, key)
+        pm = read_jsonl(tmp_path / "packed" / name / "metrics.jsonl")
+        sm = read_jsonl(tmp_path / "solo" / name / "metrics.jsonl")
+        assert len(pm) == len(sm) and all(close(x, y) for x, y in zip(pm, sm)), name
+        pd = json.loads((tmp_path / "packed" / name / "init_diagnostics.json").read_text())
+        sd = json.loads((tmp_path / "solo" / name / "init_diagnostics.json").read_text())
+        assert pd == sd  # the same init, bit for bit
+    assert json.loads((tmp_path / "packed" / "a" / "config.json").read_text())["env"][
+        "pack_size"] == 3
+    # Different inits, orders and dropout masks really give different runs.
+    assert packed[0]["test/loss"] != packed[1]["test/loss"]
+
+
+def test_a_diverging_run_does_not_disturb_its_pack(tiny_data, tmp_path):
+    # At lr 1e6, zeros stays finite (only the output bias moves, by bounded gradients);
+    # N(0, 10^2) weights blow up.
+    good, bad = (RunConfig(scheme=s, data_dir=str(tiny_data), epochs=2, batch_size=32, lr=1e6,
+                           log_every=2, device="cpu", quiet=True, diag_batch=0,
+                           out=str(tmp_path / name)) for s, name in
+                 (("zeros", "good"), ("normal:std=10", "bad")))
+    packed = train_pack([good, bad])
+    alone = train(RunConfig(**{**good.__dict__, "out": str(tmp_path / "alone")}))
+    assert packed[1]["status"] == "diverged"
+    assert packed[0]["status"] == "ok" and close(packed[0]["test/loss"], alone["test/loss"])
+
+
+def test_pack_members_must_differ_only_in_scheme_and_seeds(tiny_data, tmp_path):
+    a, b, _ = configs(tiny_data, tmp_path)
+    b.lr = 0.1
+    with pytest.raises(ConfigError, match="'lr' differs"):
+        train_pack([a, b])
+
+
+def test_pack_forward_equals_each_model():
+    models = [apply_scheme(LeNet(), s, seed=i) for i, s in enumerate(("kaiming", "orthogonal"))]
+    pack = LeNetPack(models)
+    x = torch.randn(2, 5, 1, 28, 28)
+    masks = torch.ones(2, 5, 84)
+    logits = pack.logits(x, masks)
+    for k, model in enumerate(models):
+        assert torch.allclose(logits[k], model.eval().logits(x[k]), atol=1e-5)
+        assert torch.allclose(pack.eval_logits(x[0])[k], model.logits(x[0]), atol=1e-5)
+        for a, b in zip(pack.model(k).state_dict().values(), model.state_dict().values()):
+            assert torch.equal(a, b)
