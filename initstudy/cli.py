@@ -194,6 +194,8 @@ def sweep_command(
     workers: int = typer.Option(1, help="CPU worker processes when no GPU is used; torch "
                                 "threads are divided between them."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun failed runs too."),
+    pack: int = typer.Option(1, help="Train up to K runs together in one process "
+                             "(torch.func.vmap): for GPUs, where one LeNet leaves most idle."),
     partition: Optional[str] = typer.Option(None, help="Slurm partition."),
     gpus_per_task: int = typer.Option(0, help="Slurm GPUs per task."),
     time: int = typer.Option(60, help="Slurm time limit per task, minutes."),
@@ -213,7 +215,7 @@ def sweep_command(
         raise InitStudyError(f"unknown backend '{backend}'; choose local or slurm")
     for name, value in (("--jobs-per-gpu", jobs_per_gpu), ("--workers", workers),
                         ("--runs-per-task", runs_per_task), ("--time", time),
-                        ("--cpus-per-task", cpus_per_task)):
+                        ("--cpus-per-task", cpus_per_task), ("--pack", pack)):
         if value < 1:
             raise InitStudyError(f"{name} must be at least 1, got {value}")
     overrides = {k: v for k, v in dict(data_dir=data_dir, wandb=wandb,
@@ -231,7 +233,7 @@ def sweep_command(
             raise InitStudyError(f"GPU {gpu} is not visible here (visible: "
                                  f"{', '.join(map(str, visible)) or 'none'})")
     counts = sweep(loaded, out, backend=backend, gpus=gpu_ids, jobs_per_gpu=jobs_per_gpu,
-                   workers=workers, retry_failed=retry_failed, overrides=overrides,
+                   workers=workers, retry_failed=retry_failed, pack=pack, overrides=overrides,
                    slurm=dict(partition=partition, gpus_per_task=gpus_per_task, time_min=time,
                               mem=mem, runs_per_task=runs_per_task,
                               cpus_per_task=cpus_per_task))

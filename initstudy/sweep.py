@@ -6,8 +6,9 @@ Each run lives in ``OUT/<run id>/`` (``RunConfig.run_id``, stable for the same r
 options), so rerunning a sweep skips what finished (``ok`` or ``diverged``), redoes what died
 (``running``, ``interrupted`` or no folder) and retries ``failed`` runs only when asked.
 
-Local runs each get a fresh worker process (``python -m initstudy.sweep CONFIG_JSON``): a crash,
-an OOM or a killed worker fails that run alone. Workers die with the sweep (PR_SET_PDEATHSIG),
+Local runs each get a fresh worker process (``python -m initstudy.sweep CONFIGS_JSON``), or a
+pack of them with ``--pack K`` (trained together, ``train_pack``): a crash, an OOM or a killed
+worker fails that run (or pack) alone. Workers die with the sweep (PR_SET_PDEATHSIG),
 and a lock on ``OUT`` stops two sweeps from writing the same folder.
 """
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import PACK_FIELDS, RunConfig
 from .errors import InitStudyError
 
 DONE = ("ok", "diverged")
@@ -177,7 +178,7 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Worker:
-    config: RunConfig
+    configs: list[RunConfig]  # one run, or a pack trained together
     slot: Slot
     process: subprocess.Popen
 
@@ -195,29 +196,42 @@ class OutLock:
                              f"another --out") from None
 
 
-def run_local(runs: list[RunConfig], slots: list[Slot], report=None) -> None:
-    """Run ``runs`` on ``slots``, one worker process per run, until all have ended.
+def packs(runs: list[RunConfig], size: int) -> list[list[RunConfig]]:
+    """Runs grouped into packs of at most ``size`` that may train together (equal in all but
+    scheme and seeds), in the runs' order."""
+    groups: dict[str, list[RunConfig]] = {}
+    for config in runs:
+        key = json.dumps([getattr(config, f) for f in PACK_FIELDS])
+        groups.setdefault(key, []).append(config)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
-    ``report(event, config, status)`` is called with "start" and "end". A worker that dies
-    without recording a result (killed, out of memory) gets status ``failed`` with its exit
-    code and the tail of its log. Ctrl-C interrupts the workers (they record ``interrupted``),
-    waits for them and re-raises.
+
+def run_local(units: list[list[RunConfig]], slots: list[Slot], report=None) -> None:
+    """Run each unit (a run, or a pack of runs trained together) in its own worker process on
+    a free slot, until all have ended.
+
+    ``report(event, config, status)`` is called per run with "start" and "end". A worker that
+    dies without recording a result (killed, out of memory) leaves its runs ``failed`` with its
+    exit code and the tail of its log. Ctrl-C interrupts the workers (they record
+    ``interrupted``), waits for them and re-raises.
     """
-    pending: deque[RunConfig] = deque(runs)
+    pending: deque[list[RunConfig]] = deque(units)
     free = list(slots)
     running: list[Worker] = []
     report = report or (lambda *args: None)
     try:
         while pending or running:
             while pending and free:
-                config, slot = pending.popleft(), free.pop(0)
-                running.append(_start(config, slot))
-                report("start", config, "running")
+                unit, slot = pending.popleft(), free.pop(0)
+                running.append(_start(unit, slot))
+                for config in unit:
+                    report("start", config, "running")
             time.sleep(0.1)
             for worker in [w for w in running if w.process.poll() is not None]:
                 running.remove(worker)
                 free.append(worker.slot)
-                report("end", worker.config, _finish(worker))
+                for config, run_status in zip(worker.configs, _finish(worker)):
+                    report("end", config, run_status)
     except KeyboardInterrupt:
         for worker in running:
             worker.process.send_signal(signal.SIGINT)
@@ -229,30 +243,33 @@ def run_local(runs: list[RunConfig], slots: list[Slot], report=None) -> None:
         raise
 
 
-def _start(config: RunConfig, slot: Slot) -> Worker:
-    config = dataclasses.replace(config, device=slot.device)
-    folder = Path(config.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    log = open(folder / "worker.log", "w")
+def _start(unit: list[RunConfig], slot: Slot) -> Worker:
+    unit = [dataclasses.replace(config, device=slot.device) for config in unit]
+    for config in unit:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+    log = open(Path(unit[0].out) / "worker.log", "w")  # a pack logs in its first run's folder
     process = subprocess.Popen(
-        [sys.executable, "-m", "initstudy.sweep", json.dumps(config.to_dict())],
+        [sys.executable, "-m", "initstudy.sweep", json.dumps([c.to_dict() for c in unit])],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env=os.environ | slot.env | {"PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
     log.close()
-    return Worker(config, slot, process)
+    return Worker(unit, slot, process)
 
 
-def _finish(worker: Worker) -> str:
-    """The ended worker's run status, recording ``failed`` if the worker could not."""
-    current = status(worker.config)
-    if current in (*DONE, "failed", "interrupted"):
-        return current
+def _finish(worker: Worker) -> list[str]:
+    """The ended worker's run statuses, recording ``failed`` where the worker could not."""
     code = worker.process.returncode
     why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-    log = Path(worker.config.out) / "worker.log"
+    log = Path(worker.configs[0].out) / "worker.log"
     tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
-    record_failure(worker.config, f"worker {why}" + (f": {tail[-1]}" if tail else ""))
-    return "failed"
+    statuses = []
+    for config in worker.configs:
+        current = status(config)
+        if current not in (*DONE, "failed", "interrupted"):
+            record_failure(config, f"worker {why}" + (f": {tail[-1]}" if tail else ""))
+            current = "failed"
+        statuses.append(current)
+    return statuses
 
 
 def record_failure(config: RunConfig, error: str) -> None:
@@ -267,18 +284,19 @@ def record_failure(config: RunConfig, error: str) -> None:
         "error": error})
 
 
-def run_one(config: RunConfig) -> str:
-    """Train one planned run in this process, recording any failure; return its status."""
+def run_pack(configs: list[RunConfig]) -> list[str]:
+    """Train planned runs together in this process, recording any failure; their statuses."""
     from .errors import RunFailed
-    from .training import train
+    from .training import train_pack
 
     try:
-        return train(config)["status"]
+        return [summary["status"] for summary in train_pack(configs)]
     except RunFailed:
-        return "failed"  # train recorded it, traceback included
+        return ["failed"] * len(configs)  # train_pack recorded it, traceback included
     except InitStudyError as exc:  # before training: missing data, bad device...
-        record_failure(config, str(exc))
-        return "failed"
+        for config in configs:
+            record_failure(config, str(exc))
+        return ["failed"] * len(configs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,22 +304,23 @@ def run_one(config: RunConfig) -> str:
 
 
 class SlurmChunk:
-    """A Slurm task: runs its planned runs in turn, skipping finished ones. On preemption or
-    timeout submitit calls ``checkpoint`` and requeues the same chunk, which then resumes at
-    the first unfinished run (a half-done run starts over)."""
+    """A Slurm task: trains its planned runs in turn (in packs of ``pack``), skipping finished
+    ones. On preemption or timeout submitit calls ``checkpoint`` and requeues the same chunk,
+    which then resumes at the first unfinished run (a half-done run starts over)."""
 
-    def __call__(self, configs: list[dict[str, Any]]) -> list[str]:
+    def __init__(self, pack: int = 1):
+        self.pack = pack
+
+    def __call__(self, configs: list[dict[str, Any]]) -> None:
         import torch
 
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # use what Slurm gave this task, no more
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        results = []
-        for data in configs:
-            config = dataclasses.replace(RunConfig.from_dict(data), device=device)
-            current = status(config)
-            results.append(current if current in DONE else run_one(config))
-        return results
+        todo = [dataclasses.replace(RunConfig.from_dict(data), device=device)
+                for data in configs]
+        for unit in packs([c for c in todo if status(c) not in DONE], self.pack):
+            run_pack(unit)
 
     def checkpoint(self, configs: list[dict[str, Any]]):
         import submitit
@@ -311,9 +330,9 @@ class SlurmChunk:
 
 def submit_slurm(runs: list[RunConfig], out: Path, partition: str | None = None,
                  gpus_per_task: int = 0, time_min: int = 60, mem: str | None = None,
-                 runs_per_task: int = 1, cpus_per_task: int = 1) -> list:
-    """Submit ``runs`` as one Slurm job array, ``runs_per_task`` runs per task; return the
-    submitit jobs."""
+                 runs_per_task: int = 1, cpus_per_task: int = 1, pack: int = 1) -> list:
+    """Submit ``runs`` as one Slurm job array, ``runs_per_task`` runs per task (trained in
+    packs of ``pack``); return the submitit jobs."""
     try:
         import submitit
     except ImportError:
@@ -326,7 +345,7 @@ def submit_slurm(runs: list[RunConfig], out: Path, partition: str | None = None,
     chunks = [[c.to_dict() for c in runs[i:i + runs_per_task]]
               for i in range(0, len(runs), runs_per_task)]
     try:
-        return executor.map_array(SlurmChunk(), chunks)
+        return executor.map_array(SlurmChunk(pack), chunks)
     except Exception as exc:  # sbatch missing or refusing: say so in one line
         raise StudyError(f"Slurm submission failed: {type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from None
@@ -364,13 +383,14 @@ def wait_slurm(jobs: list, runs: list[RunConfig], report=None, poll_s: float = 2
 
 def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | None = None,
           jobs_per_gpu: int = 1, workers: int | None = None, retry_failed: bool = False,
-          slurm: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-          console=None) -> dict[str, int]:
+          pack: int = 1, slurm: dict[str, Any] | None = None,
+          overrides: dict[str, Any] | None = None, console=None) -> dict[str, int]:
     """Run every unfinished run of ``study`` into ``out`` and return the count of each status.
 
     ``backend`` "local": on ``gpus`` (default: all visible) with ``jobs_per_gpu`` workers each,
     or without GPUs on ``workers`` CPU processes (default 1). "slurm": one job array through
     submitit, ``slurm`` holding partition, gpus_per_task, time_min, mem, runs_per_task.
+    ``pack``: runs trained together in one process (``train_pack``), where they may be.
     ``overrides`` sets run options for every run (wandb mode, data folder...).
     """
     from rich.console import Console
@@ -384,14 +404,14 @@ def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | Non
                   f"already finished, {len(todo)} to run -> {out}")
     with SweepProgress(len(runs), len(runs) - len(todo), console) as progress:
         if backend == "slurm":
-            jobs = submit_slurm(todo, out, **(slurm or {}))
+            jobs = submit_slurm(todo, out, pack=pack, **(slurm or {}))
             console.print(f"submitted job array {jobs[0].job_id.split('_')[0]} "
                           f"({len(jobs)} tasks)" if jobs else "nothing to submit")
             wait_slurm(jobs, todo, progress.report)
         else:
             gpus = visible_gpus() if gpus is None else gpus
             slots = gpu_slots(gpus, jobs_per_gpu) if gpus else cpu_slots(workers or 1)
-            run_local(todo, slots, progress.report)
+            run_local(packs(todo, pack), slots, progress.report)
     counts: dict[str, int] = {}
     for config in runs:
         counts[status(config)] = counts.get(status(config), 0) + 1
@@ -483,18 +503,18 @@ def summary_table(runs: list[RunConfig]):
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m initstudy.sweep CONFIG_JSON``: one run in a fresh process."""
-    config = RunConfig.from_dict(json.loads(argv[1]))
+    """``python -m initstudy.sweep CONFIGS_JSON``: one run or pack in a fresh process."""
+    configs = [RunConfig.from_dict(data) for data in json.loads(argv[1])]
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
     try:
-        result = run_one(config)
+        results = run_pack(configs)
     except KeyboardInterrupt:
         return 130
-    return 0 if result in DONE else 1
+    return 0 if all(result in DONE for result in results) else 1
 
 
 if __name__ == "__main__":

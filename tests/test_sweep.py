@@ -224,3 +224,26 @@ def test_two_sweeps_cannot_share_a_folder(tmp_path):
     with pytest.raises(StudyError, match="another sweep is running"):
         OutLock(tmp_path)
     del held
+
+
+def test_packed_sweep_trains_runs_together(tmp_path, tiny_data):
+    study = tiny_study(tmp_path, tiny_data, ["default", "xavier", "kaiming"], seeds=1)
+    out = tmp_path / "out"
+    result = subprocess.run(sweep_cmd(study, out, "--pack", "2", "--wandb", "disabled"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    runs = plan(load_study(study), out)
+    assert [status(c) for c in runs] == ["ok"] * 3
+    sizes = [json.loads((Path(c.out) / "config.json").read_text())["env"]["pack_size"]
+             for c in runs]
+    assert sizes == [2, 2, 1]
+
+
+def test_packs_group_only_runs_that_may_train_together():
+    from initstudy.sweep import packs
+
+    runs = expand({"schemes": ["default", "xavier", "kaiming"], "seeds": 2, "lr": [0.01, 0.1]})
+    units = packs(runs, 4)
+    assert sorted(len(u) for u in units) == [2, 2, 4, 4]
+    assert all(len({c.lr for c in unit}) == 1 for unit in units)
+    assert sorted(c.run_id for u in units for c in u) == sorted(c.run_id for c in runs)
