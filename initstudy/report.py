@@ -13,7 +13,9 @@ import csv
 import html
 import json
 import math
+import os
 import statistics
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -106,9 +108,11 @@ class Comparison:
     def schemes(self) -> list[str]:
         return list(dict.fromkeys(r.scheme for r in self.runs))
 
-    def by_scheme(self) -> dict[str, list[Run]]:
+    def by_scheme(self, first: str = "default") -> dict[str, list[Run]]:
+        """Runs by scheme: ``first`` (the baseline) leads, the others follow by name."""
         groups: dict[str, list[Run]] = defaultdict(list)
-        for run in self.runs:
+        for run in sorted(self.runs, key=lambda r: (r.scheme != first, r.scheme,
+                                                    r.config.get("seed", 0))):
             groups[run.scheme].append(run)
         return dict(groups)
 
@@ -167,7 +171,9 @@ def welch_p(a: list[float], b: list[float]) -> float:
 
     if len(a) < 2 or len(b) < 2 or (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0):
         return math.nan
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # one constant group (all at chance) is a valid case
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def epochs_to(run: Run, target: float) -> int | None:
@@ -243,7 +249,8 @@ def compare(comparison: Comparison, baseline: str = "default",
     """Per-scheme statistics of one comparison, with differences against ``baseline`` (when it
     is present); returns (stats in the runs' scheme order, target used)."""
     target = choose_target(comparison) if target is None else target
-    stats = [scheme_stats(s, runs, target) for s, runs in comparison.by_scheme().items()]
+    stats = [scheme_stats(s, runs, target)
+             for s, runs in comparison.by_scheme(baseline).items()]
     base = next((s for s in stats if s.scheme == baseline), None)
     if base is not None:
         for s in stats:
@@ -269,12 +276,12 @@ def _layers(comparison: Comparison) -> list[str]:
 
 
 def figures(comparison: Comparison, stats: list[SchemeStats], folder: Path,
-            prefix: str = "") -> list[tuple[str, Path]]:
+            prefix: str = "", baseline: str = "default") -> list[tuple[str, Path]]:
     """Draw every figure of one comparison into ``folder``; returns (caption, path) pairs."""
     from . import plots
 
     folder.mkdir(parents=True, exist_ok=True)
-    groups = comparison.by_scheme()
+    groups = comparison.by_scheme(baseline)
     layers = _layers(comparison)
     made = []
 
@@ -325,8 +332,10 @@ def figures(comparison: Comparison, stats: list[SchemeStats], folder: Path,
 
 
 def _epoch_series(groups: dict[str, list[Run]], kind: str, layers: list[str]):
+    first = 1 if kind == "rel_update" else 0  # nothing has moved at init
     return {scheme: {layer: [[(r["epoch"], r.get(f"{kind}/{layer}")) for r in run.epochs
-                              if r.get(f"{kind}/{layer}") is not None] for run in runs]
+                              if r.get(f"{kind}/{layer}") is not None and r["epoch"] >= first]
+                             for run in runs]
                      for layer in layers}
             for scheme, runs in groups.items()}
 
@@ -464,8 +473,9 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
         old.unlink()
     title = title or f"Init study: {', '.join(Path(d).name for d in dirs)}"
     groups = comparisons(runs)
+    shown = ", ".join(f"`{os.path.relpath(d, out)}`" for d in dirs)  # as seen from the report
     md = [f"# {title}", "",
-          f"{len(runs)} runs from {', '.join(f'`{d}`' for d in dirs)}, in {len(groups)} "
+          f"{len(runs)} runs from {shown}, in {len(groups)} "
           f"comparison(s). Runs are compared only when everything but the scheme and the seeds "
           f"is equal. Accuracies are percent of the test set; intervals are 95% bootstrap "
           f"intervals over seeds ({BOOTSTRAP_RESAMPLES:,} resamples); diverged runs count in the "
@@ -474,7 +484,7 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
     for i, comparison in enumerate(groups, 1):
         stats, used_target = compare(comparison, baseline, target)
         prefix = f"c{i}_" if len(groups) > 1 else ""
-        made = figures(comparison, stats, out / "figures", prefix)
+        made = figures(comparison, stats, out / "figures", prefix, baseline)
         head = f"Comparison {i}: {comparison.key['dataset_used']}, {comparison.key['epochs']} " \
                f"epochs, {comparison.key['optimizer']} lr {comparison.key['lr']}"
         best = max((s for s in stats if math.isfinite(s.acc_mean)), key=lambda s: s.acc_mean,
@@ -517,8 +527,9 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
     for d in dirs:
         study = Path(d) / "study.toml"
         if study.exists():
-            md += [f"Study file (`{study}`):", "", "```toml", study.read_text().strip(), "```", ""]
-            body += [f"<p>Study file ({html.escape(str(study))}):</p>",
+            md += [f"Study file (`{os.path.relpath(study, out)}`):", "", "```toml",
+                   study.read_text().strip(), "```", ""]
+            body += [f"<p>Study file ({html.escape(os.path.relpath(study, out))}):</p>",
                      f"<pre>{html.escape(study.read_text())}</pre>"]
     md += ["Every run's config (options, versions, commit, device) is in its `config.json`; "
            "one row per run is in [results.csv](results.csv).", "",

@@ -24,7 +24,8 @@ from .model import LeNet, LeNetPack, init_layers
 from .schemes import apply_scheme, resolve
 from .tracking import RunFolder, Tracker, WandbMirror, check_wandb_online, wandb_mode
 
-EVAL_BATCH = 1000  # images per evaluation batch: no gradients, so larger than training batches
+EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than training ones;
+# at 500 the first conv's output is 200 MB per packed run, which bounds the peak memory
 DIAG_SEED = 0  # the init diagnostics batch: the same images for every run of a dataset
 
 

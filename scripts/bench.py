@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Training throughput of the document's LeNet: the usual loop against initstudy's trainer,
+packed runs, and the device's own matrix-product ceiling. Plain PyTorch timing, one process,
+the same model, data and device for every measurement; each is the median of --repeats after
+a warm-up.
+
+    python scripts/bench.py                      # a table
+    python scripts/bench.py --json bench.json    # and the numbers as JSON
+    python scripts/bench.py --study              # on a GPU: also the small study, packed
+
+baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTensor and
+            Normalize, DataLoader(batch_size=64, shuffle=True), NCHW fp32, loss.item() every step
+initstudy = the trainer of `initstudy run`, at its defaults
+packed    = --pack runs trained together by the same trainer (per-run images/s)
+ceiling   = fp32 matrix product GFLOP/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from initstudy import LeNet, RunConfig, apply_scheme
+from initstudy.config import resolve_device
+from initstudy.data import STATS, load_dataset
+from initstudy.training import train_pack
+
+
+def flops_per_image(device: torch.device) -> float:
+    """Forward and backward FLOPs of one training image, counted by PyTorch."""
+    model = LeNet().to(device)
+    x = torch.randn(64, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model.logits(x), y).backward()
+    return counter.get_total_flops() / 64
+
+
+def ceiling_gflops(device: torch.device, repeats: int) -> float:
+    """Median GFLOP/s of a large fp32 matrix product."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(10 if device.type == "cuda" else 2):
+            a @ b
+        _sync(device)
+        if i:  # the first is warm-up
+            times.append((time.perf_counter() - start) / (10 if device.type == "cuda" else 2))
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """What torchvision.datasets.MNIST does per sample: a PIL image, then the transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, dataset: str):
+        from torchvision import transforms
+
+        mean, std = STATS[dataset]
+        self.images, self.labels = images.numpy(), labels.tolist()
+        self.transform = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize((mean,), (std,))])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i], mode="L")), self.labels[i]
+
+
+def baseline(data, device: torch.device, images: int, repeats: int) -> float:
+    """images/s of the PyTorch MNIST example's loop (median of repeats, after a warm-up)."""
+    loader = torch.utils.data.DataLoader(
+        ExampleDataset(data.train_images[:images], data.train_labels[:images], data.name),
+        batch_size=64, shuffle=True)
+    model = apply_scheme(LeNet(), "default", seed=0).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rates = []
+    for i in range(repeats + 1):
+        start, seen = time.perf_counter(), 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model.logits(x), y)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the example logs it; it waits for the device every step
+            seen += len(y)
+        if i:
+            rates.append(seen / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def trainer(dataset: str, images: int, repeats: int, pack: int, device: str,
+            **options) -> float:
+    """Per-run images/s of initstudy's trainer at its defaults (median of repeats of one
+    epoch each, after a warm-up), for ``pack`` runs trained together."""
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats + 1):
+            configs = [RunConfig(scheme="default", seed=k, dataset=dataset, epochs=1,
+                                 train_subset=images, device=device, quiet=True,
+                                 wandb="disabled", diag_batch=0, out=f"{tmp}/{i}-{k}", **options)
+                       for k in range(pack)]
+            summaries = train_pack(configs)
+            if i:
+                rates.append(summaries[0]["images_per_second"])
+    return statistics.median(rates)
+
+
+def peak_rss_mb(dataset: str, device: str) -> float:
+    """Peak resident memory of `initstudy run` at its defaults (2 epochs), in MB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "initstudy.cli", "run", "--dataset", dataset,
+                        "--epochs", "2", "--device", device, "--wandb", "disabled", "-q",
+                        "--out", tmp], check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+
+
+def study_time(device: str, pack: int) -> float:
+    """Seconds to run experiments/mnist-lenet.toml (6 schemes x 5 seeds, 10 epochs) packed."""
+    study = Path(__file__).resolve().parents[1] / "experiments" / "mnist-lenet.toml"
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "initstudy.cli", "sweep", str(study), "--out", tmp,
+                        "--pack", str(pack), "--wandb", "disabled"], check=True)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="mnist-sample")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--images", type=int, default=2000, help="images per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pack", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--study", action="store_true", help="also time the mnist-lenet study")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset)
+    flops = flops_per_image(device)
+    results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
+                                        if device.type == "cuda" else ""),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "dataset": data.name, "images_per_repeat": args.images,
+               "repeats": args.repeats, "flops_per_image": flops}
+    results["ceiling_gflops"] = ceiling_gflops(device, args.repeats)
+    results["baseline"] = {"images_per_second": baseline(data, device, args.images,
+                                                          args.repeats)}
+    results["initstudy"] = {"images_per_second": trainer(args.dataset, args.images,
+                                                         args.repeats, 1, str(device))}
+    results["packed"] = {"runs": args.pack, "images_per_second": trainer(
+        args.dataset, args.images, args.repeats, args.pack, str(device))}
+    for name in ("initstudy", "packed"):
+        rate = results[name]["images_per_second"]
+        runs = results[name].get("runs", 1)
+        results[name]["vs_baseline"] = rate * runs / results["baseline"]["images_per_second"]
+        results[name]["gflops"] = rate * runs * flops / 1e9
+    results["initstudy_fraction_of_ceiling"] = (results["initstudy"]["gflops"]
+                                                / results["ceiling_gflops"])
+    results["peak_rss_mb"] = peak_rss_mb(args.dataset, str(device))
+    if args.study:
+        results["study_seconds"] = study_time(str(device), pack=30)
+
+    print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, "
+          f"{data.name}, {flops / 1e9:.3f} GFLOP per training image")
+    print(f"{'':10} {'images/s':>10} {'x baseline':>11} {'GFLOP/s':>9}")
+    base = results["baseline"]["images_per_second"]
+    print(f"{'baseline':10} {base:10.0f} {1:11.2f} {base * flops / 1e9:9.1f}")
+    for name in ("initstudy", "packed"):
+        r = results[name]
+        label = name if name == "initstudy" else f"packed x{r['runs']}"
+        print(f"{label:10} {r['images_per_second']:10.0f} {r['vs_baseline']:11.2f} "
+              f"{r['gflops']:9.1f}   (per run; x baseline and GFLOP/s for all runs)")
+    print(f"ceiling    {results['ceiling_gflops']:.1f} GFLOP/s (fp32 matmul); initstudy reaches "
+          f"{100 * results['initstudy_fraction_of_ceiling']:.0f}% of it")
+    print(f"peak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB")
+    if args.study:
+        print(f"mnist-lenet study (35 runs x 10 epochs), packed: {results['study_seconds']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
