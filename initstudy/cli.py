@@ -86,6 +86,11 @@ def run(
                              "the softmax output, the double softmax)."),
     device: str = typer.Option(_D.device, help="auto | cpu | cuda | cuda:N."),
     log_every: int = typer.Option(_D.log_every, help="Steps between train/loss records."),
+    diag_batch: int = typer.Option(_D.diag_batch, help="Images for the init diagnostics "
+                                   "(0: skip them)."),
+    precision: str = typer.Option(_D.precision, help="fp32 | tf32 (CUDA) | bf16 (autocast); "
+                                  "fp32 for numbers that go into a report."),
+    compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the model."),
     out: Optional[str] = typer.Option(None, help="Run folder [default: runs/<scheme>-s<seed>]."),
     wandb: Optional[str] = typer.Option(None, help="offline | online | disabled "
                                         "[default: $WANDB_MODE, else offline]."),
@@ -101,7 +106,8 @@ def run(
         scheme=scheme, seed=seed, data_seed=data_seed, dataset=dataset, data_dir=data_dir,
         strict_data=strict_data, train_subset=train_subset, subset_seed=subset_seed,
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, loss=loss, device=device, log_every=log_every, out=out,
+        weight_decay=weight_decay, loss=loss, device=device, log_every=log_every,
+        diag_batch=diag_batch, precision=precision, compile=compile, out=out,
         wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity, wandb_dir=wandb_dir,
         group=group, quiet=quiet)
     summary = train(config)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -129,12 +128,18 @@ def trainer(dataset: str, images: int, repeats: int, pack: int, device: str,
 
 
 def peak_rss_mb(dataset: str, device: str) -> float:
-    """Peak resident memory of `initstudy run` at its defaults (2 epochs), in MB."""
+    """Peak resident memory of `initstudy run` at its defaults (2 epochs), in MB: the child's
+    own VmHWM, read as it exits (Linux). getrusage's children maxrss would count this process's
+    memory too, which a forked child starts with."""
+    report = ("import atexit, sys; atexit.register(lambda: print('VmHWM', [l.split()[1] for l in "
+              "open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)); "
+              "from initstudy.cli import main; sys.argv[0] = 'initstudy'; main()")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "initstudy.cli", "run", "--dataset", dataset,
-                        "--epochs", "2", "--device", device, "--wandb", "disabled", "-q",
-                        "--out", tmp], check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+        result = subprocess.run([sys.executable, "-c", report, "run", "--dataset", dataset,
+                                 "--epochs", "2", "--device", device, "--wandb", "disabled",
+                                 "-q", "--out", tmp], capture_output=True, text=True)
+    line = next(l for l in result.stderr.splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024  # kB
 
 
 def study_time(device: str, pack: int) -> float:

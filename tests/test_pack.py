@@ -18,10 +18,13 @@ def configs(tiny_data, root, **overrides):
                   device="cpu", quiet=True) | overrides
     return [RunConfig(scheme="kaiming", seed=0, out=str(root / "a"), **common),
             RunConfig(scheme="xavier", seed=1, data_seed=7, out=str(root / "b"), **common),
-            RunConfig(scheme="custom", seed=2, out=str(root / "c"), **common)]
+            RunConfig(scheme="orthogonal", seed=2, out=str(root / "c"), **common)]
 
 
-def close(a, b, rel=1e-4):
+def close(a, b, rel=1e-3):
+    """Equal up to float rounding: alone, a run's convolutions run channels-last; packed, as
+    one grouped convolution. The two round differently, and training amplifies it a little
+    (seen: 5e-6 to 3e-4 relative after two epochs)."""
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
     if isinstance(a, float) and isinstance(b, float):

@@ -153,3 +153,16 @@ def test_real_data_kaiming_learns_and_zeros_stays_at_chance(tmp_path):
     zeros = train(RunConfig(scheme="zeros", out=str(tmp_path / "z"), **common))
     assert kaiming["test/acc"] > 0.3  # chance is 0.1; seeds 0-3 give 0.51, 0.47, 0.78, 0.88
     assert zeros["test/acc"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_precision_and_compile_options_are_recorded(tiny_data, tmp_path):
+    bf16 = train(tiny(tiny_data, tmp_path, precision="bf16", epochs=1, out=str(tmp_path / "b")))
+    assert bf16["status"] == "ok"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "bf16"
+    compiled = train(tiny(tiny_data, tmp_path, compile=True, epochs=1, out=str(tmp_path / "c")))
+    plain = train(tiny(tiny_data, tmp_path, epochs=1, out=str(tmp_path / "p")))
+    assert compiled["test/acc"] == pytest.approx(plain["test/acc"], abs=0.02)
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["compile"] is True
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="tf32 needs a CUDA device"):
+            train(tiny(tiny_data, tmp_path, precision="tf32"))
