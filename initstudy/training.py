@@ -272,8 +272,9 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
             train = list(zip((loss_sum / n).tolist(), (correct / n).tolist()))
             _record_epoch(runs, pack, data, epoch, step, train)
             live = [r for r in runs if not r.diverged_step]
-            progress.update(task, info=f"test acc {max(r.test[1] for r in live):.4f}"
-                            + (" (best of pack)" if k_runs > 1 else ""))
+            progress.update(task, info=f"loss {live[0].train_loss:.4f}  test acc "
+                            f"{live[0].test[1]:.4f}" if k_runs == 1 else
+                            f"best test acc {max(r.test[1] for r in live):.4f}")
 
     diverged = [k for k, r in enumerate(runs) if r.diverged_step]
     if diverged:  # the final state of a diverged run: its weights where it stopped
