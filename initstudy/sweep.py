@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import PACK_FIELDS, RunConfig
-from .errors import InitStudyError
+from .errors import InitStudyError, RunFailed
+from .tracking import write_json_atomic
+from .training import train_pack
 
 DONE = ("ok", "diverged")
 # Options a study may not set: each run's folder and the trainer's own records.
@@ -117,10 +119,7 @@ def plan(study: Study, out: Path, **overrides: Any) -> list[RunConfig]:
 
 def status(config: RunConfig) -> str:
     """A planned run's status from its folder: ``pending`` when there is none yet."""
-    try:
-        return json.loads((Path(config.out) / "summary.json").read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return "pending"
+    return _summary(config).get("status", "pending")
 
 
 def to_do(runs: list[RunConfig], retry_failed: bool) -> list[RunConfig]:
@@ -274,8 +273,6 @@ def _finish(worker: Worker) -> list[str]:
 
 def record_failure(config: RunConfig, error: str) -> None:
     """Mark a run failed when its own process could not (it died, or never started training)."""
-    from .tracking import write_json_atomic
-
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "summary.json", {
@@ -286,9 +283,6 @@ def record_failure(config: RunConfig, error: str) -> None:
 
 def run_pack(configs: list[RunConfig]) -> list[str]:
     """Train planned runs together in this process, recording any failure; their statuses."""
-    from .errors import RunFailed
-    from .training import train_pack
-
     try:
         return [summary["status"] for summary in train_pack(configs)]
     except RunFailed:
@@ -457,6 +451,7 @@ class SweepProgress:
 
 
 def _summary(config: RunConfig) -> dict[str, Any]:
+    """A planned run's summary.json, or {} when it has none (yet)."""
     try:
         return json.loads((Path(config.out) / "summary.json").read_text())
     except (OSError, ValueError):

@@ -88,8 +88,8 @@ class _Run:
     folder: RunFolder
     tracker: Tracker
     summary: dict[str, Any]
-    order: torch.Generator = None  # batch order, on the CPU: the same order on every device
-    dropout: torch.Generator = None  # dropout masks, on the training device
+    order: torch.Generator | None = None  # batch order, on the CPU: the same order on every device
+    dropout: torch.Generator | None = None  # dropout masks, on the training device
     diverged_step: int | None = None
     test: tuple[float, float] = (math.nan, math.nan)
     best_acc: float = math.nan
