@@ -33,11 +33,14 @@ def init_diagnostics(model: LeNet, x: torch.Tensor, y: torch.Tensor) -> dict[str
     relu_after = _relu_after(probe)
     outputs: dict[str, torch.Tensor] = {}
     activations: dict[str, torch.Tensor] = {}
+    grad_stds: dict[str, float] = {}
     hooks = []
     for name, layer in layers:
         def keep(module, inputs, output, name=name):
-            output.retain_grad()
-            outputs[name] = output
+            outputs[name] = output.detach()
+            # The gradient's std is read as it passes; retaining whole gradients costs memory.
+            output.register_hook(lambda grad, name=name: grad_stds.__setitem__(
+                name, grad.std().item()))
         hooks.append(layer.register_forward_hook(keep))
         if name in relu_after:
             hooks.append(relu_after[name].register_forward_hook(
@@ -52,7 +55,7 @@ def init_diagnostics(model: LeNet, x: torch.Tensor, y: torch.Tensor) -> dict[str
             hook.remove()
     report = []
     for name, layer in layers:
-        out = outputs[name].detach()
+        out = outputs[name]
         act = activations.get(name)
         report.append({
             "name": name,
@@ -61,7 +64,7 @@ def init_diagnostics(model: LeNet, x: torch.Tensor, y: torch.Tensor) -> dict[str
             "act_std": act.detach().std().item() if act is not None else None,
             "dead_frac": ((act.detach() == 0).all(0).float().mean().item()
                           if act is not None else None),
-            "grad_out_std": outputs[name].grad.std().item(),
+            "grad_out_std": grad_stds[name],
             "weight_grad_norm": torch.linalg.vector_norm(layer.weight.grad).item(),
         })
     logits = logits.detach()

@@ -205,7 +205,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
     optimizer = make_optimizer(pack.parameters(), first)
     objective = torch.func.vmap(OBJECTIVES[first.loss])
     _record_epoch(runs, pack, data, 0, 0, None)
-    step, train_seconds = 0, 0.0
+    step, train_seconds, images = 0, 0.0, 0  # images: per run, counted on the host
     window = torch.zeros(k_runs, first.log_every, device=device)  # losses since last record
     steps_per_epoch = -(-n // first.batch_size)
     keep = 1 - pack.dropout_p
@@ -251,6 +251,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
                 losses.sum().backward()  # each run's gradient is its own loss's
                 optimizer.step()
                 step += 1
+                images += batch
                 window[:, filled] = losses.detach()
                 filled += 1
                 loss_sum += losses.detach() * batch
@@ -290,8 +291,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
             "train/loss": None if run.diverged_step else run.train_loss,
             "test/loss": run.test[0], "test/acc": run.test[1], "best/test/acc": run.best_acc,
             "wall_seconds": wall, "train_seconds": train_seconds,
-            "images_per_second": step * first.batch_size / train_seconds
-            if train_seconds else None}
+            "images_per_second": images / train_seconds if train_seconds else None}
 
 
 def _record_epoch(runs: list[_Run], pack: LeNetPack, data: Dataset, epoch: int, step: int,
