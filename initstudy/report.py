@@ -81,12 +81,10 @@ def load_runs(dirs: list[Path]) -> list[Run]:
         candidates = [root] if (root / "config.json").exists() else sorted(
             p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for path in candidates:
-            if not (path / "config.json").exists():
-                continue
-            config = json.loads((path / "config.json").read_text())
-            if path.name in seen:
+            if not (path / "config.json").exists() or path.name in seen:
                 continue
             seen.add(path.name)
+            config = json.loads((path / "config.json").read_text())
             summary_path = path / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
             metrics_path = path / "metrics.jsonl"
