@@ -83,6 +83,40 @@ def test_document_weights_load_and_compute_the_same_function():
     assert torch.allclose(ours.logits(x).softmax(-1), theirs(x), atol=1e-6)
 
 
+def test_pooling_before_relu_gives_bit_identical_values_and_gradients():
+    torch.manual_seed(0)
+    theirs, ours = DocumentLeNet().eval(), LeNet().eval()  # eval: no dropout draws
+    ours.load_state_dict(theirs.state_dict())
+    # Digits on a blank border: the first conv's output is exactly its bias there, so the
+    # pooling windows hold ties, and many of their maxima are negative (the ReLU's zeros).
+    x = torch.zeros(8, 1, 28, 28)
+    x[:, :, 6:22, 6:22] = torch.randn(8, 1, 16, 16)
+    y = torch.randint(0, 10, (8,))
+    theirs_logits = theirs.classifer[:-1](theirs.features(nn.ZeroPad2d(2)(x)))
+    ours_logits = ours.logits(x)
+    assert torch.equal(ours_logits, theirs_logits)
+    nn.functional.cross_entropy(theirs_logits, y).backward()
+    nn.functional.cross_entropy(ours_logits, y).backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    assert (ours.features[0].bias.grad != 0).all()
+
+
+def test_first_conv_in_chunks_gives_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    whole, chunked = LeNet().eval(), LeNet().eval()
+    chunked.load_state_dict(whole.state_dict())
+    x, y = torch.randn(37, 1, 28, 28), torch.randint(0, 10, (37,))  # 37: a short last chunk
+    logits = whole.logits(x)
+    chunked_logits = chunked.logits(x, chunk=8)
+    assert torch.equal(chunked_logits, logits)  # each image's forward is its own
+    nn.functional.cross_entropy(logits, y).backward()
+    nn.functional.cross_entropy(chunked_logits, y).backward()
+    for (name, a), b in zip(chunked.named_parameters(), whole.parameters()):
+        # only the first conv's weight gradient is summed in another order
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
 def test_padding_is_in_forward_not_a_submodule():
     assert not any(isinstance(m, nn.ZeroPad2d) for m in LeNet().modules())
 
