@@ -6,7 +6,7 @@ a warm-up.
 
     python scripts/bench.py                      # a table
     python scripts/bench.py --json bench.json    # and the numbers as JSON
-    python scripts/bench.py --study              # on a GPU: also the small study, packed
+    python scripts/bench.py --study              # on a GPU: also the MNIST study, as one pack
 
 baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTensor and
             Normalize, DataLoader(batch_size=64, shuffle=True), NCHW fp32, loss.item() every step
@@ -33,7 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from initstudy import LeNet, RunConfig, apply_scheme
 from initstudy.config import resolve_device
 from initstudy.data import STATS, load_dataset
+from initstudy.sweep import load_study
 from initstudy.training import train_pack
+
+MNIST_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "mnist-lenet.toml"
 
 
 def flops_per_image(device: torch.device) -> float:
@@ -127,16 +130,16 @@ def baseline(data, device: torch.device, images: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def trainer(dataset: str, images: int, repeats: int, pack: int, device: str,
-            **options) -> float:
+def trainer(dataset: str, data_dir: str | None, images: int, repeats: int, pack: int,
+            device: str) -> float:
     """Per-run images/s of initstudy's trainer at its defaults (median of repeats of one
     epoch each, after a warm-up), for ``pack`` runs trained together."""
     rates = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats + 1):
-            configs = [RunConfig(scheme="default", seed=k, dataset=dataset, epochs=1,
-                                 train_subset=images, device=device, quiet=True,
-                                 wandb="disabled", diag_batch=0, out=f"{tmp}/{i}-{k}", **options)
+            configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
+                                 epochs=1, train_subset=images, device=device, quiet=True,
+                                 wandb="disabled", diag_batch=0, out=f"{tmp}/{i}-{k}")
                        for k in range(pack)]
             summaries = train_pack(configs)
             if i:
@@ -144,29 +147,40 @@ def trainer(dataset: str, images: int, repeats: int, pack: int, device: str,
     return statistics.median(rates)
 
 
-def peak_rss_mb(dataset: str, device: str) -> float:
-    """Peak resident memory of `initstudy run` at its defaults (2 epochs), in MB: the child's
-    own VmHWM, read as it exits (Linux). getrusage's children maxrss would count this process's
-    memory too, which a forked child starts with."""
+def peak_rss_mb(dataset: str, data_dir: str | None, device: str) -> float:
+    """Peak resident memory of `initstudy run` at its defaults (2 epochs; wandb offline, whose
+    own service process is not counted), in MB: the child's own VmHWM, read as it exits
+    (Linux). getrusage's children maxrss would count this process's memory too, which a
+    forked child starts with."""
     report = ("import atexit, sys; atexit.register(lambda: print('VmHWM', [l.split()[1] for l in "
               "open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)); "
               "from initstudy.cli import main; sys.argv[0] = 'initstudy'; main()")
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([sys.executable, "-c", report, "run", "--dataset", dataset,
-                                 "--epochs", "2", "--device", device, "--wandb", "disabled",
-                                 "-q", "--out", tmp], capture_output=True, text=True)
+        command = [sys.executable, "-c", report, "run", "--dataset", dataset, "--epochs", "2",
+                   "--device", device, "--wandb", "offline", "-q", "--out", tmp]
+        result = subprocess.run(command + (["--data-dir", data_dir] if data_dir else []),
+                                capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"`initstudy run` failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
     line = next(l for l in result.stderr.splitlines() if l.startswith("VmHWM"))
     return int(line.split()[1]) / 1024  # kB
 
 
-def study_time(device: str, pack: int) -> float:
-    """Seconds to run experiments/mnist-lenet.toml (6 schemes x 5 seeds, 10 epochs) packed."""
-    study = Path(__file__).resolve().parents[1] / "experiments" / "mnist-lenet.toml"
+def study(path: Path, data_dir: str | None) -> dict:
+    """Run the study ``path`` as one pack (``initstudy sweep``: on the first GPU, else the CPU)
+    into a temporary folder: the whole time in seconds, processes and data loading included,
+    and the median per-run images/s of its runs."""
+    runs = len(load_study(path).runs)
     with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "initstudy.cli", "sweep", str(path), "--out", tmp,
+                   "--pack", str(runs), "--wandb", "disabled"]
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "initstudy.cli", "sweep", str(study), "--out", tmp,
-                        "--pack", str(pack), "--wandb", "disabled"], check=True)
-        return time.perf_counter() - start
+        subprocess.run(command + (["--data-dir", data_dir] if data_dir else []), check=True)
+        seconds = time.perf_counter() - start
+        rates = [json.loads(f.read_text())["images_per_second"]
+                 for f in Path(tmp).glob("**/summary.json")]
+    return {"study": str(path), "runs": runs, "seconds": seconds,
+            "images_per_second_per_run": statistics.median(rates)}
 
 
 def main() -> None:
@@ -177,11 +191,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pack", type=int, default=4)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--study", action="store_true", help="also time the mnist-lenet study")
+    parser.add_argument("--data-dir", help="data root (as `initstudy run --data-dir`)")
+    parser.add_argument("--study", type=Path, nargs="?", const=MNIST_STUDY, metavar="FILE",
+                        help="also time a study trained as one pack (default: the six-scheme, "
+                        "five-seed MNIST study and LSUV)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    data = load_dataset(args.dataset)
+    data = load_dataset(args.dataset, args.data_dir)
     flops = flops_per_image(device)
     results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
                                         if device.type == "cuda" else ""),
@@ -192,10 +209,10 @@ def main() -> None:
     # the trainer changes it for good (hold_freed_memory), and is measured after.
     results["baseline"] = {"images_per_second": baseline(data, device, args.images,
                                                           args.repeats)}
-    results["initstudy"] = {"images_per_second": trainer(args.dataset, args.images,
-                                                         args.repeats, 1, str(device))}
+    results["initstudy"] = {"images_per_second": trainer(
+        args.dataset, args.data_dir, args.images, args.repeats, 1, str(device))}
     results["packed"] = {"runs": args.pack, "images_per_second": trainer(
-        args.dataset, args.images, args.repeats, args.pack, str(device))}
+        args.dataset, args.data_dir, args.images, args.repeats, args.pack, str(device))}
     if device.type == "cpu":  # how much of the gain is the allocator's: the same loop again
         results["baseline_malloc_held"] = {"images_per_second": baseline(
             data, device, args.images, args.repeats)}
@@ -208,9 +225,12 @@ def main() -> None:
         results[name]["gflops"] = rate * runs * flops / 1e9
     results["initstudy_fraction_of_ceiling"] = (results["initstudy"]["gflops"]
                                                 / results["ceiling_gflops"])
-    results["peak_rss_mb"] = peak_rss_mb(args.dataset, str(device))
+    results["peak_rss_mb"] = peak_rss_mb(args.dataset, args.data_dir, str(device))
     if args.study:
-        results["study_seconds"] = study_time(str(device), pack=30)
+        results["study"] = study(args.study, args.data_dir)
+        r = results["study"]
+        r["fraction_of_ceiling"] = (r["images_per_second_per_run"] * r["runs"] * flops / 1e9
+                                    / results["ceiling_gflops"])
 
     print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, "
           f"{data.name}, {flops / 1e9:.3f} GFLOP per training image")
@@ -233,7 +253,10 @@ def main() -> None:
           f" of it")
     print(f"peak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB")
     if args.study:
-        print(f"mnist-lenet study (35 runs x 10 epochs), packed: {results['study_seconds']:.0f} s")
+        r = results["study"]
+        print(f"study {r['study']}: {r['runs']} runs as one pack in {r['seconds']:.0f} s, "
+              f"{r['images_per_second_per_run']:.0f} images/s per run, "
+              f"{100 * r['fraction_of_ceiling']:.0f}% of the ceiling")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
