@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from initstudy import LeNet, RunConfig, apply_scheme
 from initstudy.config import resolve_device
 from initstudy.data import STATS, load_dataset
+from initstudy.errors import InitStudyError
 from initstudy.sweep import load_study
 from initstudy.training import train_pack
 
@@ -262,4 +263,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InitStudyError as exc:
+        sys.exit(f"error: {exc}")
