@@ -167,11 +167,10 @@ def peak_rss_mb(dataset: str, data_dir: str | None, device: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def study(path: Path, data_dir: str | None) -> dict:
-    """Run the study ``path`` as one pack (``initstudy sweep``: on the first GPU, else the CPU)
-    into a temporary folder: the whole time in seconds, processes and data loading included,
-    and the median per-run images/s of its runs."""
-    runs = len(load_study(path).runs)
+def study(path: Path, runs: int, data_dir: str | None) -> dict:
+    """Run the study ``path`` (of ``runs`` runs) as one pack (``initstudy sweep``: on the first
+    GPU, else the CPU) into a temporary folder: the whole time in seconds, processes and data
+    loading included, and the median per-run images/s of its runs."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "initstudy.cli", "sweep", str(path), "--out", tmp,
                    "--pack", str(runs), "--wandb", "disabled"]
@@ -199,6 +198,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    study_runs = len(load_study(args.study).runs) if args.study else 0  # a bad file fails now
     data = load_dataset(args.dataset, args.data_dir)
     flops = flops_per_image(device)
     results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
@@ -228,7 +228,7 @@ def main() -> None:
                                                 / results["ceiling_gflops"])
     results["peak_rss_mb"] = peak_rss_mb(args.dataset, args.data_dir, str(device))
     if args.study:
-        results["study"] = study(args.study, args.data_dir)
+        results["study"] = study(args.study, study_runs, args.data_dir)
         r = results["study"]
         r["fraction_of_ceiling"] = (r["images_per_second_per_run"] * r["runs"] * flops / 1e9
                                     / results["ceiling_gflops"])
