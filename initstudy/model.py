@@ -75,7 +75,7 @@ def init_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 CPU_CHUNK = 16  # images per chunk of the first conv on a CPU (``LeNet.logits``): 6.4 MB of
 # output. Measured on 2 EPYC cores at batch 128: 8, 16, 32, 64, 128 -> 1390, 1560, 1500, 1420,
-# 1400 images/s. GPUs run it whole: their caches don't hold it either way, and chunks cost launches.
+# 1400 images/s. GPUs run it whole (unmeasured there: chunks would add kernel launches).
 
 
 class _Logits(nn.Module):
