@@ -47,7 +47,7 @@ def init_diagnostics(model: LeNet, x: torch.Tensor, y: torch.Tensor) -> dict[str
                 lambda module, inputs, output, name=name: activations.__setitem__(name, output)))
     try:
         probe.zero_grad(set_to_none=True)
-        logits = probe.logits(x)
+        logits = probe.document_logits(x)  # the ReLUs must see the convs' whole outputs
         loss = F.cross_entropy(logits, y)
         loss.backward()
     finally:

@@ -37,7 +37,12 @@ class LeNet(nn.Module):
         )
 
     def forward(self, x):
-        return self.classifer[-1](self.logits(x))
+        return self.classifer[-1](self.document_logits(x))
+
+    def document_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The document's forward, layer by layer in its order, less the final Softmax: for
+        looking inside (every ReLU sees its conv's full output). Training uses ``logits``."""
+        return self.classifer[:-1](self.features(nn.ZeroPad2d((2, 2, 2, 2))(x)))
 
     def logits(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None,
                chunk: int | None = None) -> torch.Tensor:

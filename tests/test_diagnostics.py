@@ -48,6 +48,16 @@ def test_report_shape_and_meaning(real):
     assert report["loss"] == pytest.approx(math.log(10), rel=0.05)  # small logits: uniform
 
 
+def test_activations_are_the_relus_of_the_convs_whole_outputs(real):
+    (x, y), _ = real
+    model = apply_scheme(LeNet(), "default", seed=0)
+    first = init_diagnostics(model, x, y)["layers"][0]
+    with torch.no_grad():  # the first ReLU on the first conv's 28 x 28 maps, before pooling
+        act = torch.relu(model.features[0](torch.nn.functional.pad(x, (2, 2, 2, 2))))
+    assert first["act_std"] == pytest.approx(act.std().item(), rel=1e-5)
+    assert first["dead_frac"] == pytest.approx((act == 0).all(0).float().mean().item())
+
+
 def test_measuring_does_not_touch_the_model(real):
     (x, y), _ = real
     model = apply_scheme(LeNet(), "kaiming", seed=0)

@@ -93,6 +93,7 @@ def test_pooling_before_relu_gives_bit_identical_values_and_gradients():
     x[:, :, 6:22, 6:22] = torch.randn(8, 1, 16, 16)
     y = torch.randint(0, 10, (8,))
     theirs_logits = theirs.classifer[:-1](theirs.features(nn.ZeroPad2d(2)(x)))
+    assert torch.equal(ours.document_logits(x), theirs_logits)
     ours_logits = ours.logits(x)
     assert torch.equal(ours_logits, theirs_logits)
     nn.functional.cross_entropy(theirs_logits, y).backward()
