@@ -147,10 +147,11 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     if first.train_subset:
         dataset = dataset.subset_train(first.train_subset, first.subset_seed)
     dataset = dataset.to(device)
+    held = device.type == "cpu" and hold_freed_memory()
     env = environment(device) | {
         "data_source": dataset.source, "train_images": len(dataset.train_labels),
         "test_images": len(dataset.test_labels), "pack_size": len(configs),
-        "malloc_keep": HEAP_KEEP if device.type == "cpu" and hold_freed_memory() else None}
+        "malloc_keep": HEAP_KEEP if held else None}
 
     runs = []
     for config, scheme, folder in zip(configs, schemes, folders):
@@ -166,7 +167,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
         runs.append(run)
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda), _precision(first.precision, device):
+        with torch.random.fork_rng(devices=cuda), numerics(first.precision, device):
             _fit(runs, dataset, device)
     except BaseException as exc:
         status = "failed" if isinstance(exc, Exception) else "interrupted"  # Ctrl-C, exit
@@ -185,7 +186,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _precision(precision: str, device: torch.device):
+def numerics(precision: str, device: torch.device):
     """fp32 runs CUDA matmuls and convs in full fp32: PyTorch's own default lets cuDNN convs
     use TF32, which rounds their inputs to 10 mantissa bits. tf32 allows TF32 in both; bf16
     runs the forward pass under autocast. The global switches are restored afterwards."""

@@ -35,7 +35,7 @@ from initstudy.config import resolve_device
 from initstudy.data import STATS, load_dataset
 from initstudy.errors import InitStudyError
 from initstudy.sweep import load_study
-from initstudy.training import train_pack
+from initstudy.training import numerics, train_pack
 
 MNIST_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "mnist-lenet.toml"
 
@@ -64,20 +64,18 @@ def ceiling_gflops(device: torch.device, repeats: int) -> dict[str, float]:
         products["onednn"] = lambda: F.conv2d(rows, cols)
     calls = 10 if device.type == "cuda" else 2
     results = {}
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32, as the trainer's default
     for name, product in products.items():
         times = []
         for i in range(repeats + 1):
             _sync(device)
             start = time.perf_counter()
-            for _ in range(calls):
-                product()
+            with numerics("fp32", device):  # no TF32 on CUDA, as the trainer's default
+                for _ in range(calls):
+                    product()
             _sync(device)
             if i:  # the first is warm-up
                 times.append((time.perf_counter() - start) / calls)
         results[name] = 2 * n ** 3 / statistics.median(times) / 1e9
-    torch.backends.cuda.matmul.allow_tf32 = saved
     return results
 
 
@@ -115,20 +113,28 @@ def baseline(data, device: torch.device, images: int, repeats: int) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rates = []
     for i in range(repeats + 1):
-        start, seen = time.perf_counter(), 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad()
-            # The document's forward less its final Softmax (cross-entropy takes the scores),
-            # not LeNet.logits, which is initstudy's own faster order.
-            loss = F.cross_entropy(model.document_logits(x), y)
-            loss.backward()
-            optimizer.step()
-            loss.item()  # the example logs it; it waits for the device every step
-            seen += len(y)
+        start = time.perf_counter()
+        with numerics("fp32", device):  # NCHW fp32: no TF32 on CUDA either
+            seen = _example_epoch(loader, model, optimizer, device)
         if i:
             rates.append(seen / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int:
+    """One epoch of the PyTorch MNIST example's loop; returns the images trained."""
+    seen = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        # The document's forward less its final Softmax (cross-entropy takes the scores),
+        # not LeNet.logits, which is initstudy's own faster order.
+        loss = F.cross_entropy(model.document_logits(x), y)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the example logs it; it waits for the device every step
+        seen += len(y)
+    return seen
 
 
 def trainer(dataset: str, data_dir: str | None, images: int, repeats: int, pack: int,

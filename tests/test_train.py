@@ -172,10 +172,10 @@ def test_precision_and_compile_options_are_recorded(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("bf16", False)])
 def test_fp32_turns_off_the_tf32_pytorch_allows_cudnn_by_default(precision, tf32):
-    from initstudy.training import _precision
+    from initstudy.training import numerics
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    with _precision(precision, torch.device("cpu")):  # the switches are global, not per device
+    with numerics(precision, torch.device("cpu")):  # the switches are global, not per device
         assert torch.backends.cuda.matmul.allow_tf32 is tf32
         assert torch.backends.cudnn.allow_tf32 is tf32
         assert torch.is_autocast_enabled("cpu") is (precision == "bf16")
