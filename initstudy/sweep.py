@@ -239,6 +239,8 @@ def run_local(units: list[list[RunConfig]], slots: list[Slot], report=None) -> N
                 worker.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.process.kill()
+                worker.process.wait()
+            _finish(worker, ended_as="interrupted")  # one caught before it could say so
         raise
 
 
@@ -255,8 +257,8 @@ def _start(unit: list[RunConfig], slot: Slot) -> Worker:
     return Worker(unit, slot, process)
 
 
-def _finish(worker: Worker) -> list[str]:
-    """The ended worker's run statuses, recording ``failed`` where the worker could not."""
+def _finish(worker: Worker, ended_as: str = "failed") -> list[str]:
+    """The ended worker's run statuses, recording ``ended_as`` where the worker could not."""
     code = worker.process.returncode
     why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
     log = Path(worker.configs[0].out) / "worker.log"
@@ -265,18 +267,20 @@ def _finish(worker: Worker) -> list[str]:
     for config in worker.configs:
         current = status(config)
         if current not in (*DONE, "failed", "interrupted"):
-            record_failure(config, f"worker {why}" + (f": {tail[-1]}" if tail else ""))
-            current = "failed"
+            record_failure(config, f"worker {why}" + (f": {tail[-1]}" if tail else ""),
+                           ended_as)
+            current = ended_as
         statuses.append(current)
     return statuses
 
 
-def record_failure(config: RunConfig, error: str) -> None:
-    """Mark a run failed when its own process could not (it died, or never started training)."""
+def record_failure(config: RunConfig, error: str, ended_as: str = "failed") -> None:
+    """Mark a run ``failed`` (or ``interrupted``) when its own process could not: it died, or
+    never started training, or was stopped before it had recorded anything."""
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "summary.json", {
-        "status": "failed", "run_name": config.run_name, "scheme": config.scheme,
+        "status": ended_as, "run_name": config.run_name, "scheme": config.scheme,
         "seed": config.seed, "dataset": config.dataset, "epochs": config.epochs,
         "error": error})
 

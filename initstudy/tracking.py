@@ -122,6 +122,8 @@ class RunFolder:
                               f"{exc.strerror or exc}") from None
         for name in ("metrics.jsonl", "histograms.jsonl", "error.txt"):
             (self.path / name).unlink(missing_ok=True)  # a rerun starts a fresh record
+        for partial in self.path.glob(".*.tmp"):  # of a JSON write killed before its rename
+            partial.unlink(missing_ok=True)
         shutil.rmtree(self.path / "wandb", ignore_errors=True)  # and one wandb run, not two
 
     def write_config(self, config: dict[str, Any]) -> None:

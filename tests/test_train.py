@@ -9,7 +9,7 @@ import torch
 
 from initstudy import RunConfig, train
 from initstudy.errors import ConfigError, RunFailed
-from initstudy.tracking import HISTOGRAM_BINS, read_jsonl, write_json_atomic
+from initstudy.tracking import HISTOGRAM_BINS, RunFolder, read_jsonl, write_json_atomic
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 
@@ -207,3 +207,13 @@ def test_held_memory_is_reused_without_page_faults():
     assert sum(held) < 100
     _, default = steady_faults("default")
     assert min(default) > 10_000  # 51 MB / 4 kB pages = 12,544: every page faulted again
+
+
+def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".summary.json.k1ll3d.tmp").write_text('{"status": "ok"')  # killed before its rename
+    (run / "metrics.jsonl").write_text('{"step": 50}\n')
+    (run / "notes.txt").write_text("mine")
+    RunFolder(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
