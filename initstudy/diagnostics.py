@@ -106,11 +106,12 @@ def inspect_scheme(spec: str, seed: int = 0, dataset: str = "mnist", data_dir: s
                    batch: int = 256) -> tuple[dict[str, Any], LeNet]:
     """The init diagnostics of a freshly initialised LeNet, on the same fixed batch of training
     images as a run's ``init_diagnostics.json``; returns (report, model)."""
-    from .data import load_dataset, random_batch
+    from .data import random_batch
+    from .sources import load_dataset
     from .schemes import apply_scheme
     from .training import DIAG_SEED
 
-    data = load_dataset(dataset, data_dir)
+    data = load_dataset(dataset, data_dir).split_validation(None)  # a default run's train set
     draw = lambda n: random_batch(data.train_images, data.train_labels, data.name, n)[0]
     model = apply_scheme(LeNet(), spec, seed=seed, data=draw)
     x, y = random_batch(data.train_images, data.train_labels, data.name, batch,

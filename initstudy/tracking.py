@@ -160,7 +160,8 @@ def _finite_or_none(data: Any) -> Any:
 
 WANDB_MODES = ("offline", "online", "disabled")
 _WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # older WANDB_MODE spellings
-EPOCH_KEYS = ("train/loss_epoch", "train/acc", "test/loss", "test/acc", "lr")
+EPOCH_KEYS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc",
+              "lr")
 
 
 def wandb_mode(flag: str | None) -> str:

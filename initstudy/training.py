@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import dataclasses
 import math
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .config import PACK_FIELDS, RunConfig, environment, resolve_device
-from .data import Dataset, batches, load_dataset, normalise, random_batch
+from .data import Dataset, batches, normalise, random_batch
 from .diagnostics import init_diagnostics, snapshot, weight_dynamics
 from .errors import ConfigError, RunFailed
 from .model import LeNet, LeNetPack, init_layers
 from .schemes import apply_scheme, resolve
+from .sources import load_dataset
 from .tracking import RunFolder, Tracker, WandbMirror, check_wandb_online, wandb_mode
 
 EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than training ones;
@@ -76,9 +78,11 @@ def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
 @torch.no_grad()
 def evaluate(pack: LeNetPack, images: torch.Tensor, labels: torch.Tensor,
              dataset: str) -> list[tuple[float, float]]:
-    """(loss, accuracy) of each model of the pack over a whole split, in eval mode. The loss is
-    always the true cross-entropy of the predicted probabilities, whatever the training
-    objective, so runs trained with either loss compare."""
+    """(loss, accuracy) of each model of the pack over a whole split, in eval mode; (None,
+    None) for an empty split. The loss is always the true cross-entropy of the predicted
+    probabilities, whatever the training objective, so runs trained with either loss compare."""
+    if not len(labels):
+        return [(None, None)] * pack.size
     loss_sum = torch.zeros(pack.size, device=labels.device)
     correct = torch.zeros(pack.size, dtype=torch.long, device=labels.device)
     for x, y in batches(images, labels, dataset, EVAL_BATCH):
@@ -114,8 +118,10 @@ class _Run:
     order: torch.Generator | None = None  # batch order, on the CPU: the same order on every device
     dropout: torch.Generator | None = None  # dropout masks, on the training device
     diverged_step: int | None = None
+    val: tuple[float | None, float | None] = (None, None)  # (loss, accuracy); None: no split
     test: tuple[float, float] = (math.nan, math.nan)
-    best_acc: float = math.nan
+    best: tuple[int | None, float | None, float | None] = (None, None, None)  # (epoch, val
+    # acc, test acc) at the epoch of highest validation accuracy (the earliest on ties)
     train_loss: float | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -143,15 +149,19 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     if any(c.wandb == "online" for c in configs):
         check_wandb_online()
     folders = [RunFolder(c.run_dir) for c in configs]
-    dataset = load_dataset(first.dataset, first.data_dir, first.strict_data)
+    say = (lambda message: None) if first.quiet else _say
+    dataset = load_dataset(first.dataset, first.data_dir, first.strict_data, say=say)
+    dataset = dataset.split_validation(first.val_size)
     if first.train_subset:
         dataset = dataset.subset_train(first.train_subset, first.subset_seed)
+    say(describe(dataset))
     dataset = dataset.to(device)
     held = device.type == "cpu" and hold_freed_memory()
     env = environment(device) | {
-        "data_source": dataset.source, "train_images": len(dataset.train_labels),
-        "test_images": len(dataset.test_labels), "pack_size": len(configs),
-        "malloc_keep": HEAP_KEEP if held else None}
+        "data_source": dataset.source, "data_official": dataset.official,
+        "data_sha256": dataset.sha256 or None, "train_images": len(dataset.train_labels),
+        "val_images": len(dataset.val_labels), "test_images": len(dataset.test_labels),
+        "pack_size": len(configs), "malloc_keep": HEAP_KEEP if held else None}
 
     runs = []
     for config, scheme, folder in zip(configs, schemes, folders):
@@ -183,6 +193,19 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     for run in runs:
         run.tracker.summary(run.summary)
     return [run.summary for run in runs]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def describe(dataset: Dataset) -> str:
+    """One line: which data a run trains on, from where, and whether it is the official set."""
+    check = {True: "official SHA-256 verified", False: "NOT the official files",
+             None: "no official hashes for it"}[dataset.official]
+    sizes = dataset.sizes
+    return (f"data: {dataset.name} from {dataset.source} ({check}): {sizes['train']:,} train / "
+            f"{sizes['val']:,} validation / {sizes['test']:,} test images")
 
 
 @contextlib.contextmanager
@@ -294,15 +317,14 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
             train = list(zip((loss_sum / n).tolist(), (correct / n).tolist()))
             _record_epoch(runs, pack, data, epoch, step, train)
             live = [r for r in runs if not r.diverged_step]
-            progress.update(task, info=f"loss {live[0].train_loss:.4f}  test acc "
-                            f"{live[0].test[1]:.4f}" if k_runs == 1 else
-                            f"best test acc {max(r.test[1] for r in live):.4f}")
+            progress.update(task, info=_epoch_info(live, k_runs))
 
     diverged = [k for k, r in enumerate(runs) if r.diverged_step]
     if diverged:  # the final state of a diverged run: its weights where it stopped
-        results = evaluate(pack, data.test_images, data.test_labels, data.name)
+        vals = evaluate(pack, data.val_images, data.val_labels, data.name)
+        tests = evaluate(pack, data.test_images, data.test_labels, data.name)
         for k in diverged:
-            runs[k].test = results[k]
+            runs[k].val, runs[k].test = vals[k], tests[k]
             runs[k].tracker.histograms(epoch, step, init_layers(pack.model(k)))
     wall = time.perf_counter() - started
     for run in runs:
@@ -310,7 +332,9 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
             "status": "diverged" if run.diverged_step else "ok",
             "diverged_step": run.diverged_step, "steps": step,
             "train/loss": None if run.diverged_step else run.train_loss,
-            "test/loss": run.test[0], "test/acc": run.test[1], "best/test/acc": run.best_acc,
+            "val/loss": run.val[0], "val/acc": run.val[1],
+            "test/loss": run.test[0], "test/acc": run.test[1], "best_epoch": run.best[0],
+            "best/val/acc": run.best[1], "best/test/acc": run.best[2],
             "wall_seconds": wall, "train_seconds": train_seconds,
             "images_per_second": images / train_seconds if train_seconds else None}
 
@@ -319,20 +343,34 @@ def _record_epoch(runs: list[_Run], pack: LeNetPack, data: Dataset, epoch: int, 
                   train: list[tuple[float, float]] | None) -> None:
     """Evaluate the pack and write each live run's epoch record and histograms; ``train`` is
     each run's (loss, accuracy) over the epoch, None at init."""
-    results = evaluate(pack, data.test_images, data.test_labels, data.name)
+    vals = evaluate(pack, data.val_images, data.val_labels, data.name)
+    tests = evaluate(pack, data.test_images, data.test_labels, data.name)
     for k, run in enumerate(runs):
         if run.diverged_step:
             continue
         model = pack.model(k)
-        run.test = results[k]
-        run.best_acc = max(run.best_acc, run.test[1]) if epoch else run.test[1]
+        run.val, run.test = vals[k], tests[k]
+        if run.val[1] is not None and (run.best[1] is None or run.val[1] > run.best[1]):
+            run.best = (epoch, run.val[1], run.test[1])  # chosen on validation, never on test
         run.train_loss = train[k][0] if train else None
         record = {"epoch": epoch, "step": step, "train/loss": run.train_loss,
-                  "train/acc": train[k][1] if train else None, "test/loss": run.test[0],
-                  "test/acc": run.test[1], "lr": run.config.lr}
+                  "train/acc": train[k][1] if train else None, "val/loss": run.val[0],
+                  "val/acc": run.val[1], "test/loss": run.test[0], "test/acc": run.test[1],
+                  "lr": run.config.lr}
         run.tracker.epoch(record | weight_dynamics(model, run.weights or snapshot(model)))
         run.tracker.histograms(epoch, step, init_layers(model))
         run.weights = snapshot(model)
+
+
+def _epoch_info(live: list[_Run], k_runs: int) -> str:
+    """The progress line's end after an epoch: one run's numbers, or a pack's best."""
+    if k_runs == 1:
+        run = live[0]
+        val = f"  val acc {run.val[1]:.4f}" if run.val[1] is not None else ""
+        return f"loss {run.train_loss:.4f}{val}  test acc {run.test[1]:.4f}"
+    if live[0].val[1] is None:
+        return f"best test acc {max(r.test[1] for r in live):.4f}"
+    return f"best val acc {max(r.val[1] for r in live):.4f}"
 
 
 def _progress(config: RunConfig, runs: int) -> Progress:

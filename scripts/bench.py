@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from initstudy import LeNet, RunConfig, apply_scheme
 from initstudy.config import resolve_device
-from initstudy.data import STATS, load_dataset
+from initstudy.data import STATS
+from initstudy.sources import load_dataset
 from initstudy.errors import InitStudyError
 from initstudy.sweep import load_study
 from initstudy.training import numerics, train_pack
@@ -140,12 +141,14 @@ def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int
 def trainer(dataset: str, data_dir: str | None, images: int, repeats: int, pack: int,
             device: str) -> float:
     """Per-run images/s of initstudy's trainer at its defaults (median of repeats of one
-    epoch each, after a warm-up), for ``pack`` runs trained together."""
+    epoch each, after a warm-up), for ``pack`` runs trained together. No validation split:
+    ``images`` may be the whole training set, and only training steps are timed."""
     rates = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats + 1):
             configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
-                                 epochs=1, train_subset=images, device=device, quiet=True,
+                                 epochs=1, val_size=0, train_subset=images, device=device,
+                                 quiet=True,
                                  wandb="disabled", diag_batch=0, out=f"{tmp}/{i}-{k}")
                        for k in range(pack)]
             summaries = train_pack(configs)

@@ -43,6 +43,34 @@ def test_run_end_to_end(tiny_data, tmp_path):
     assert config["scheme_params"]["std"] == 0.05 and config["batch_size"] == 50
 
 
+def test_run_says_where_the_data_came_from_and_prints_validation_and_test(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", "--epochs", "2", "--data-dir", str(tiny_data), "--device", "cpu",
+                     "--out", str(out), "--val-size", "40")
+    assert result.exit_code == 0, result.stderr
+    raw = tiny_data / "MNIST" / "raw"
+    assert (f"data: mnist from {raw} (NOT the official files): 160 train / 40 validation / "
+            f"100 test images") in result.stderr
+    assert "val acc" in result.stderr and "test acc" in result.stderr  # each epoch's progress
+    summary = json.loads((out / "summary.json").read_text())
+    line = result.stdout.strip().splitlines()[-1]
+    assert f"val/acc {summary['val/acc']:.4f}  test/acc {summary['test/acc']:.4f}" in line
+    assert f"best epoch {summary['best_epoch']} by val/acc" in line
+
+
+def test_val_size_zero_trains_on_every_training_image(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", "--epochs", "1", "--data-dir", str(tiny_data), "--device", "cpu",
+                     "--out", str(out), "--val-size", "0", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val/acc"] is None and summary["best_epoch"] is None
+    assert summary["steps"] == 2  # 200 images in batches of 128
+    assert "val/acc -" in result.stdout
+    bad = run_cli("run", "--data-dir", str(tiny_data), "--device", "cpu", "--val-size", "-1")
+    assert bad.exit_code == 2 and "validation size must be >= 0" in bad.stderr
+
+
 def test_default_run_folder_is_runs_slash_name(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli("run", "--scheme", "xavier", "--epochs", "1", "--data-dir",

@@ -1,4 +1,4 @@
-"""The IDX reader, where data is looked for, the mnist-sample fallback, subsets and batches."""
+"""The IDX reader, the mnist-sample, the validation split, subsets and batches."""
 
 import gzip
 from pathlib import Path
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from initstudy.data import (DEBIAN_FASHION, FILES, batches, load_dataset, mnist_sample,
+from initstudy.data import (FILES, VAL_SPLIT_SEED, batches, default_val_size, mnist_sample,
                             normalise, read_idx, read_idx_folder, stratified_split)
+from initstudy.sources import load_dataset
 from initstudy.errors import DataError
 
 from conftest import make_digits, write_dataset, write_idx
@@ -80,61 +81,6 @@ def test_a_folder_with_a_missing_file_is_an_error_not_a_fallback(tmp_path):
         load_dataset("mnist", data_dir=str(root))
 
 
-def test_search_order_data_dir_then_env_then_cache(tmp_path, monkeypatch):
-    first = write_dataset(tmp_path / "first", n_train=20)
-    second = write_dataset(tmp_path / "second", n_train=30)
-    cache = write_dataset(tmp_path / "cache" / "initstudy", n_train=40)  # XDG_CACHE_HOME
-    monkeypatch.setenv("INITSTUDY_DATA", str(second))
-    assert len(load_dataset("mnist", data_dir=str(first)).train_labels) == 20
-    assert len(load_dataset("mnist").train_labels) == 30
-    monkeypatch.delenv("INITSTUDY_DATA")
-    dataset = load_dataset("mnist")
-    assert len(dataset.train_labels) == 40 and dataset.source == str(cache / "MNIST" / "raw")
-
-
-def test_fashion_mnist_layout_and_gzip(tmp_path):
-    root = write_dataset(tmp_path, folder="FashionMNIST", gz=True, n_train=60)
-    dataset = load_dataset("fashion-mnist", data_dir=str(root))
-    assert dataset.name == "fashion-mnist" and len(dataset.train_labels) == 60
-
-
-@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist "
-                    "package is not installed (.ci/run installs it)")
-def test_debian_fashion_mnist_is_found_and_complete():
-    dataset = load_dataset("fashion-mnist")
-    assert dataset.source == str(DEBIAN_FASHION)
-    assert dataset.train_images.shape == (60000, 28, 28)
-    assert dataset.test_images.shape == (10000, 28, 28)
-    assert torch.bincount(dataset.train_labels).tolist() == [6000] * 10
-
-
-def test_mnist_falls_back_loudly_to_the_sample(tmp_path, capsys):
-    dataset = load_dataset("mnist", data_dir=str(tmp_path / "empty"))
-    assert dataset.name == "mnist-sample"
-    err = capsys.readouterr().err
-    assert "WARNING" in err and "mnist-sample" in err and "--strict-data" in err
-
-
-def test_strict_data_refuses_the_fallback(tmp_path):
-    with pytest.raises(DataError, match="no mnist files"):
-        load_dataset("mnist", data_dir=str(tmp_path / "empty"), strict=True)
-
-
-def test_download_is_tried_into_the_first_root(tmp_path, monkeypatch):
-    import initstudy.data as data
-
-    calls = []
-
-    def fake_download(name, root):
-        calls.append((name, root))
-        write_dataset(root, n_train=10)
-        return None
-
-    monkeypatch.setattr(data, "_download", fake_download)
-    dataset = load_dataset("mnist", data_dir=str(tmp_path / "dl"), download=True)
-    assert calls == [("mnist", tmp_path / "dl")] and dataset.name == "mnist"
-
-
 def test_mnist_sample_is_real_stratified_and_fixed():
     a, b = mnist_sample(), mnist_sample()
     assert a.train_images.shape == (4000, 28, 28) and a.test_images.shape == (1000, 28, 28)
@@ -171,3 +117,30 @@ def test_batches_are_a_seeded_permutation_normalised_on_the_fly():
     assert x.shape == (10, 1, 28, 28) and x.dtype == torch.float32
     assert torch.allclose(x[:, 0, 0, 0], (torch.arange(10) / 255 - 0.1307) / 0.3081)
     assert torch.equal(normalise(images[:2], "mnist"), x[:2])
+
+
+def test_validation_split_is_stratified_fixed_and_a_twelfth_by_default(tiny_data):
+    full = load_dataset("mnist", data_dir=str(tiny_data))
+    assert default_val_size(60000) == 5000 and default_val_size(4000) == 333
+    split = full.split_validation(None)
+    assert split.sizes == {"train": 183, "val": 17, "test": 100}  # round(200 / 12) = 17
+    val, rest = stratified_split(full.train_labels, 17, VAL_SPLIT_SEED)
+    assert torch.equal(split.val_labels, full.train_labels[val])
+    assert torch.equal(split.train_images, full.train_images[rest])
+    # Every class is represented as in the whole training set (20 each: 1 or 2 held out).
+    assert set(torch.bincount(split.val_labels, minlength=10).tolist()) <= {1, 2}
+    again = load_dataset("mnist", data_dir=str(tiny_data)).split_validation(None)
+    assert torch.equal(again.val_images, split.val_images)  # no seed of the run enters
+    assert full.split_validation(0).sizes == {"train": 200, "val": 0, "test": 100}
+    with pytest.raises(DataError, match="validation size 200 is outside 0..199"):
+        full.split_validation(200)
+
+
+def test_train_subset_is_drawn_from_what_validation_left(tiny_data):
+    split = load_dataset("mnist", data_dir=str(tiny_data)).split_validation(50)
+    subset = split.subset_train(100, seed=0)
+    held = {tuple(img.flatten().tolist()) for img in split.val_images}
+    assert subset.sizes == {"train": 100, "val": 50, "test": 100}
+    assert not any(tuple(img.flatten().tolist()) in held for img in subset.train_images)
+    with pytest.raises(DataError, match="outside 1..150.*50 held out for validation"):
+        split.subset_train(151, seed=0)

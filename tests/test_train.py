@@ -27,7 +27,7 @@ def test_run_folder_contents(tiny_data, tmp_path):
     folder = tmp_path / "run"
     assert summary == json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["dataset"] == "mnist"
-    assert summary["steps"] == 2 * 7  # 200 images in batches of 32
+    assert summary["steps"] == 2 * 6  # 200 - 17 held out for validation, in batches of 32
     assert summary["images_per_second"] > 0 and summary["wall_seconds"] > 0
     saved = json.loads((folder / "config.json").read_text())
     assert saved["scheme"] == "kaiming" and saved["dataset_used"] == "mnist"
@@ -44,15 +44,23 @@ def test_run_folder_contents(tiny_data, tmp_path):
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert epochs[0]["step"] == 0 and epochs[0]["train/loss"] is None
     dynamics = {f"{k}/{layer}" for k in ("weight_std", "rel_update") for layer in LAYERS}
-    assert set(epochs[1]) == {"epoch", "step", "train/loss", "train/acc", "test/loss",
-                              "test/acc", "lr"} | dynamics
+    assert set(epochs[1]) == {"epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc",
+                              "test/loss", "test/acc", "lr"} | dynamics
+    assert saved["env"]["train_images"] == 183 and saved["env"]["val_images"] == 17
+    assert saved["env"]["data_official"] is False and len(saved["env"]["data_sha256"]) == 4
     assert all(epochs[1][f"rel_update/{layer}"] > 0 for layer in LAYERS)
     assert epochs[0]["rel_update/features.0"] == 0.0  # nothing moved before training
     diagnostics = json.loads((folder / "init_diagnostics.json").read_text())
     assert [layer["name"] for layer in diagnostics["layers"]] == LAYERS
     assert epochs[-1]["test/acc"] == summary["test/acc"]
-    assert summary["best/test/acc"] == max(r["test/acc"] for r in epochs)
-    assert [r["step"] for r in steps] == [2, 4, 6, 7, 9, 11, 13, 14]  # every 2, and epoch ends
+    assert epochs[-1]["val/acc"] == summary["val/acc"] and all(
+        0 <= r["val/acc"] <= 1 and r["val/loss"] > 0 for r in epochs)
+    # The best epoch is chosen by validation accuracy (the earliest of equals), never by test.
+    best = max(epochs, key=lambda r: (r["val/acc"], -r["epoch"]))
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["best/val/acc"] == best["val/acc"]
+    assert summary["best/test/acc"] == best["test/acc"]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]  # every 2 (epochs end at 6, 12)
     grad_keys = {f"grad_norm/{layer}" for layer in LAYERS}
     assert all(set(r) == {"step", "train/loss"} | grad_keys for r in steps)
     assert all(r["grad_norm/classifer.4"] > 0 for r in steps)
