@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -104,7 +105,8 @@ class RunConfig:
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.lr > 0 and math.isfinite(self.lr),
+             f"learning rate must be a positive number, got {self.lr}"),
             (self.momentum >= 0, f"momentum must be non-negative, got {self.momentum}"),
             (self.weight_decay >= 0, f"weight decay must be non-negative, got {self.weight_decay}"),
             (self.log_every >= 1, f"log interval must be at least 1, got {self.log_every}"),

@@ -2,6 +2,10 @@
 
 A study file names the study, the schemes (spec strings), the seeds (a count or a list) and any
 run option by its ``RunConfig`` field name; a list value on an option is an axis of the grid.
+``[[grid]]`` tables, when present, are grids of their own that share the top-level options
+(each scheme its own range of learning rates, say); the study is all of them. ``tune`` names
+the options a report tunes per scheme (``report --tune``). Every scheme spec and option is
+checked when the file is read, before any run starts.
 Each run lives in ``OUT/<run id>/`` (``RunConfig.run_id``, stable for the same result-deciding
 options), so rerunning a sweep skips what finished (``ok`` or ``diverged``), redoes what died
 (``running``, ``interrupted`` or no folder) and retries ``failed`` runs only when asked.
@@ -32,6 +36,7 @@ from typing import Any
 
 from .config import PACK_FIELDS, RunConfig
 from .errors import InitStudyError, RunFailed
+from .schemes import resolve
 from .tracking import write_json_atomic
 from .training import train_pack
 
@@ -40,6 +45,7 @@ DONE = ("ok", "diverged")
 NOT_STUDY_OPTIONS = ("out", "quiet", "group", "dataset_used", "device_used", "scheme_params", "env")
 STUDY_OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
                       if f.name not in NOT_STUDY_OPTIONS)
+STUDY_KEYS = ("name", "tune", "grid")  # the study's own keys, besides schemes, seeds and options
 
 
 class StudyError(InitStudyError):
@@ -51,6 +57,7 @@ class Study:
     name: str
     runs: list[RunConfig]  # planned: ``out`` is set by the sweep
     source: str = ""  # the study file's text, for provenance
+    tune: list[str] = field(default_factory=list)  # options a report tunes per scheme
 
 
 def load_study(path: Path) -> Study:
@@ -61,15 +68,55 @@ def load_study(path: Path) -> Study:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise StudyError(f"cannot read study file {path}: {exc}") from None
     try:
-        return Study(spec.get("name", Path(path).stem), expand(spec), text)
+        return Study(spec.get("name", Path(path).stem), expand(spec), text, tune_options(spec))
     except StudyError as exc:
         raise StudyError(f"{path}: {exc}") from None
 
 
+def tune_options(spec: dict[str, Any]) -> list[str]:
+    """A study's ``tune`` list, checked: run options that decide a result."""
+    from .config import RESULT_FIELDS
+
+    tune = spec.get("tune", [])
+    tune = [tune] if isinstance(tune, str) else tune
+    bad = [t for t in tune if t not in RESULT_FIELDS or t in ("scheme", "seed", "data_seed")]
+    if bad:
+        raise StudyError(f"tune: cannot tune {', '.join(map(str, bad))}; tune takes run "
+                         f"options such as lr, momentum, weight_decay, batch_size, epochs")
+    return list(tune)
+
+
 def expand(spec: dict[str, Any]) -> list[RunConfig]:
-    """The grid of a study spec: schemes x every list-valued option x seeds, in that order."""
+    """The runs of a study spec: each grid (the top level, or each ``[[grid]]`` table over the
+    top-level options) expanded schemes x every list-valued option x seeds, in that order.
+    Every scheme spec and option is checked here, before anything runs."""
+    tune_options(spec)
+    spec = {k: v for k, v in spec.items() if k not in ("name", "tune")}
+    grids = spec.pop("grid", None)
+    if grids is None:
+        runs = _expand_grid(spec)
+    else:
+        if not (isinstance(grids, list) and grids and all(isinstance(g, dict) for g in grids)):
+            raise StudyError("'grid' must be a list of tables ([[grid]] sections)")
+        runs = []
+        for i, grid in enumerate(grids, 1):
+            try:
+                runs += _expand_grid(spec | grid)
+            except StudyError as exc:
+                raise StudyError(f"grid {i}: {exc}") from None
+    ids = [c.run_id for c in runs]
+    if len(set(ids)) != len(ids):
+        raise StudyError("the grid repeats a run (the same options twice in a list)")
+    for spec_text in dict.fromkeys(c.scheme for c in runs):
+        try:
+            resolve(spec_text)
+        except InitStudyError as exc:
+            raise StudyError(str(exc)) from None
+    return runs
+
+
+def _expand_grid(spec: dict[str, Any]) -> list[RunConfig]:
     spec = dict(spec)
-    spec.pop("name", None)
     for plural, singular in (("schemes", "scheme"), ("seeds", "seed")):
         if plural in spec:
             if singular in spec:
@@ -77,8 +124,9 @@ def expand(spec: dict[str, Any]) -> list[RunConfig]:
             spec[singular] = spec.pop(plural)
     unknown = sorted(set(spec) - set(STUDY_OPTIONS))
     if unknown:
-        raise StudyError(f"unknown key(s) {', '.join(unknown)}; a study takes name, schemes, "
-                         f"seeds and the run options {', '.join(STUDY_OPTIONS)}")
+        raise StudyError(f"unknown key(s) {', '.join(unknown)}; a study takes "
+                         f"{', '.join(STUDY_KEYS)}, schemes, seeds and the run options "
+                         f"{', '.join(STUDY_OPTIONS)}")
     seeds = spec.pop("seed", 1)
     if isinstance(seeds, int):
         if seeds < 1:
@@ -105,9 +153,6 @@ def expand(spec: dict[str, Any]) -> list[RunConfig]:
         except InitStudyError as exc:
             raise StudyError(str(exc)) from None
         runs.append(config)
-    ids = [c.run_id for c in runs]
-    if len(set(ids)) != len(ids):
-        raise StudyError("the grid repeats a run (the same options twice in a list)")
     return runs
 
 

@@ -106,8 +106,8 @@ def unwritable(tmp_path: Path) -> str:
 BAD_INPUTS = [
     (["--scheme", "bogus"], "unknown scheme 'bogus'"),
     (["--scheme", "kaiming:mode=sideways"], "fan_in or fan_out"),
-    (["--lr", "0"], "learning rate must be positive"),
-    (["--lr", "-0.1"], "learning rate must be positive"),
+    (["--lr", "0"], "learning rate must be a positive number"),
+    (["--lr", "-0.1"], "learning rate must be a positive number"),
     (["--epochs", "0"], "epochs must be at least 1"),
     (["--batch-size", "-5"], "batch size must be at least 1"),
     (["--strict-data", "--data-dir", "{empty}"], "no mnist files"),

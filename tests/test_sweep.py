@@ -42,13 +42,50 @@ def test_grid_expansion_schemes_axes_and_seeds():
     ({"schemes": []}, "'scheme' is an empty list"),
     ({"seeds": 0}, "seeds = 0"),
     ({"schemes": ["a"], "scheme": "b"}, "not both"),
-    ({"lr": -1}, "learning rate must be positive"),
+    ({"lr": -1}, "learning rate must be a positive number"),
     ({"seeds": [1, 1]}, "repeats a run"),
     ({"lr": "fast"}, "'lr' takes float values, got 'fast'"),
+    ({"lr": float("nan")}, "learning rate must be a positive number, got nan"),
+    ({"lr": [0.1, float("inf")]}, "learning rate must be a positive number, got inf"),
+    ({"schemes": ["default", "kaiming_normall"]}, "unknown scheme 'kaiming_normall'"),
+    ({"schemes": ["normal:std=big"]}, "std"),
+    ({"schemes": ["xavier"], "grid": [{"lr": [0.1]}, {"lr": -2}]},
+     "grid 2: learning rate must be a positive number"),
+    ({"grid": {"lr": 0.1}}, "'grid' must be a list of tables"),
+    ({"tune": ["optimiser"]}, "tune: cannot tune optimiser"),
 ])
 def test_bad_study_specs(spec, fragment):
     with pytest.raises(StudyError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         expand(spec)
+
+
+def test_grids_share_the_top_level_options_and_tune_is_read(tmp_path):
+    path = write_study(tmp_path, """
+        name = "tuned"
+        tune = ["lr"]
+        seeds = 2
+        epochs = 3
+        [[grid]]
+        schemes = ["default", "xavier"]
+        lr = [0.01, 0.1]
+        [[grid]]
+        schemes = ["custom"]
+        lr = [1e-6, 1e-5, 1e-4]
+        epochs = 4
+    """)
+    study = load_study(path)
+    assert study.tune == ["lr"] and len(study.runs) == 2 * 2 * 2 + 3 * 2
+    assert {(r.scheme, r.lr, r.epochs) for r in study.runs if r.seed == 0} == {
+        ("default", 0.01, 3), ("default", 0.1, 3), ("xavier", 0.01, 3), ("xavier", 0.1, 3),
+        ("custom", 1e-6, 4), ("custom", 1e-5, 4), ("custom", 1e-4, 4)}
+
+
+def test_a_bad_scheme_fails_the_dry_run_before_anything_is_listed(tmp_path):
+    path = write_study(tmp_path, 'schemes = ["default", "xavir"]\nlr = [0.01, 0.1]\n')
+    result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {path}: unknown scheme 'xavir'")
+    assert result.stderr.count("\n") == 1
 
 
 def test_bad_study_file_names_the_file(tmp_path):

@@ -127,7 +127,7 @@ def test_a_crash_is_recorded_as_failed(tiny_data, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides,fragment", [
-    (dict(lr=0), "learning rate must be positive"), (dict(lr=-1), "learning rate"),
+    (dict(lr=0), "learning rate must be a positive number"), (dict(lr=-1), "learning rate"),
     (dict(epochs=0), "epochs must be at least 1"), (dict(batch_size=0), "batch size"),
     (dict(optimizer="rmsprop"), "sgd, adam"), (dict(loss="mse"), "ce, prob-ce"),
     (dict(device="cuda:7" if not torch.cuda.is_available() else "cuda:99"), "cuda:"),
