@@ -171,12 +171,17 @@ def report(
                                            "single run folders."),
     out: Path = typer.Option(..., help="Report folder, e.g. reports/NAME."),
     baseline: str = typer.Option("default", help="Scheme the others are compared against."),
-    target: Optional[float] = typer.Option(None, help="Target test accuracy (0-1) for "
-                                           "'epochs to target' [default: from the data]."),
+    target: Optional[float] = typer.Option(None, help="Target accuracy (0-1) for 'epochs to "
+                                           "target', on validation where the runs have it "
+                                           "[default: from the data]."),
     title: Optional[str] = typer.Option(None),
+    tune: Optional[list[str]] = typer.Option(None, "--tune", help="A run option chosen per "
+                                             "scheme on the validation split, e.g. lr "
+                                             "(repeatable) [default: the study file's tune]."),
 ) -> None:
     """Compare the schemes of saved runs: tables with intervals, figures, HTML. No training."""
-    readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title)
+    readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title,
+                         tune=tune or None)
     typer.echo(f"wrote {readme}, {out / 'report.html'}, {out / 'results.csv'}, "
                f"{out / 'figures'}/")
 

@@ -33,6 +33,17 @@ RESULT_FIELDS = ("scheme", "seed", "data_seed", "dataset", "val_size", "train_su
 PACK_FIELDS = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed")) + (
     "data_dir", "strict_data", "device", "log_every", "diag_batch", "compile")
 PRECISIONS = ("fp32", "tf32", "bf16")
+# What a study may tune per scheme (a report chooses their values on the validation split).
+TUNABLE = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed"))
+
+
+def check_tune(tune: list[str]) -> list[str]:
+    """``tune`` if every name is a tunable run option, else ConfigError listing them."""
+    bad = [t for t in tune if t not in TUNABLE]
+    if bad:
+        raise ConfigError(f"cannot tune {', '.join(map(str, bad))}; tunable options: "
+                          f"{', '.join(TUNABLE)}")
+    return list(tune)
 
 
 @dataclass

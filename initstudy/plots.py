@@ -75,15 +75,25 @@ def _mean_band(runs: list[list[tuple[float, float]]]) -> tuple[list, list, list]
 
 
 def mean_curves(series: dict[str, list[list[tuple[float, float]]]], path: Path, title: str,
-                xlabel: str, ylabel: str, logy: bool = False) -> Path:
-    """One line per scheme: the mean over its runs, with a band of +-1 std over runs."""
+                xlabel: str, ylabel: str, logy: bool = False,
+                marks: dict[str, list[tuple[float, float]]] | None = None) -> Path:
+    """One line per scheme: the mean over its runs, with a band of +-1 std over runs. Short
+    series get a dot per point, so that a run stopped after one point still shows; ``marks``
+    are drawn as crosses (where runs diverged)."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    marks = marks or {}
     for scheme, color in _colors(list(series)).items():
         xs, means, stds = _mean_band(series[scheme])
+        points = [p for p in marks.get(scheme, []) if p[1] is not None and math.isfinite(p[1])
+                  and (not logy or p[1] > 0)]
+        if points:
+            ax.scatter(*zip(*points), marker="x", s=60, color=color, zorder=3)
         if not xs:
             continue
         n = len(series[scheme])
-        ax.plot(xs, means, color=color, label=f"{scheme} (n={n})")
+        diverged = f", {len(marks.get(scheme, []))} diverged ×" if marks.get(scheme) else ""
+        ax.plot(xs, means, color=color, marker="o" if len(xs) <= 15 else None, ms=3,
+                label=f"{scheme} (n={n}{diverged})")
         lo = [m - s for m, s in zip(means, stds)]
         if logy:  # a band below zero cannot be drawn on a log axis
             lo = [max(v, m * 0.05) for v, m in zip(lo, means)]
@@ -116,20 +126,44 @@ def per_layer_lines(series: dict[str, dict[str, list[list[tuple[float, float]]]]
     return _save(fig, path)
 
 
+OFF_SCALE = 20  # a final spread this many times the init's is drawn as text, not to scale
+
+
+def _span(values: list[float]) -> tuple[float, float] | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return (min(finite), max(finite)) if finite else None
+
+
+def _off_scale(ax, init: tuple[float, float] | None, final: tuple[float, float] | None,
+               nonfinite: int, axis: str) -> bool:
+    """Keep the panel on the init's scale when the final values left it (a diverged run's
+    weights reach 1e23): say the final range in the panel instead. True when it did."""
+    if init is None:
+        return False
+    width = max(init[1] - init[0], 1e-12)
+    if not nonfinite and final is not None and final[1] - final[0] <= OFF_SCALE * width:
+        return False
+    text = (f"final: {nonfinite} non-finite" if nonfinite and final is None else
+            f"final spans [{final[0]:.3g}, {final[1]:.3g}]" + (f", {nonfinite} non-finite"
+                                                              if nonfinite else ""))
+    pad = 0.1 * width
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(init[0] - pad, init[1] + pad)
+    ax.text(0.02, 0.95, text + "\n(off this scale)", transform=ax.transAxes, fontsize=7,
+            va="top", color="tab:red")
+    return True
+
+
 def _grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str], path: Path,
           title: str, draw, xlabel: str, ylabel: str) -> Path:
-    """Rows: schemes; columns: layers. ``draw(ax, record, label, color)`` draws the init and
-    the final record (``records[scheme][layer] = (init, final)``) of each panel."""
+    """Rows: schemes; columns: layers. ``draw(ax, init, final)`` draws the init and the final
+    record (``records[scheme][layer] = (init, final)``, either may be None) of each panel."""
     schemes = list(records)
     fig, axes = plt.subplots(len(schemes), len(layers), squeeze=False,
                              figsize=(3.2 * len(layers), 2.3 * len(schemes)))
     for row, scheme in enumerate(schemes):
         for col, layer in enumerate(layers):
             ax = axes[row][col]
-            for record, label, color in zip(records[scheme].get(layer, ()), ("init", "final"),
-                                            ("tab:gray", "tab:blue")):
-                if record:
-                    draw(ax, record, label, color)
+            draw(ax, *(records[scheme].get(layer) or (None, None)))
             ax.set_title(f"{scheme}: {layer}", fontsize=9)
             ax.tick_params(labelsize=7)
             if row == len(schemes) - 1:
@@ -145,11 +179,15 @@ def histogram_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: lis
                    path: Path, title: str) -> Path:
     """The 30-bin weight histograms at init and after training, per scheme and layer, as
     densities, since the two have bins of different widths."""
-    def draw(ax, record, label, color):
-        if record["counts"]:
-            ax.stairs(_density(record), record["edges"], fill=label == "init",
-                      alpha=0.5 if label == "init" else 1, color=color,
-                      label=f"{label} (epoch {record['epoch']})")
+    def draw(ax, init, final):
+        span = lambda r: (r["edges"][0], r["edges"][-1]) if r and r["counts"] else None
+        hidden = final is not None and _off_scale(ax, span(init), span(final),
+                                                  final.get("nonfinite", 0), "x")
+        for record, label, color in ((init, "init", "tab:gray"), (final, "final", "tab:blue")):
+            if record and record["counts"] and not (label == "final" and hidden):
+                ax.stairs(_density(record), record["edges"], fill=label == "init",
+                          alpha=0.5 if label == "init" else 1, color=color,
+                          label=f"{label} (epoch {record['epoch']})")
 
     return _grid(records, layers, path, title, draw, "weight value", "density")
 
@@ -157,10 +195,15 @@ def histogram_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: lis
 def bias_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str], path: Path,
               title: str) -> Path:
     """The note's ``plt.plot`` of biases, value by output unit, at init and after training."""
-    def draw(ax, record, label, color):
-        if record.get("values"):
-            ax.plot([math.nan if v is None else v for v in record["values"]], color=color,
-                    lw=1, label=label)
+    def draw(ax, init, final):
+        values = lambda r: r.get("values") if r else None
+        hidden = values(final) is not None and _off_scale(
+            ax, _span(values(init) or []), _span(values(final)),
+            sum(v is None for v in values(final)), "y")
+        for record, label, color in ((init, "init", "tab:gray"), (final, "final", "tab:blue")):
+            if values(record) and not (label == "final" and hidden):
+                ax.plot([math.nan if v is None else v for v in values(record)], color=color,
+                        lw=1, label=label)
 
     return _grid(records, layers, path, title, draw, "output unit", "bias value")
 
@@ -200,4 +243,39 @@ def final_accuracy(points: dict[str, list[float]], intervals: dict[str, tuple[fl
     ax.set_xticks(range(len(points)), list(points), rotation=20)
     ax.set(title=title, ylabel="final test accuracy (%)", xlabel="scheme")
     ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def sensitivity(lines: dict[str, list[dict[str, Any]]], option: str, path: Path,
+                logx: bool = True) -> Path:
+    """Validation accuracy against a tuned option, one line per scheme: the mean over seeds at
+    each value with its interval band, a cross where a seed diverged, a ring on the value
+    chosen."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for scheme, color in _colors(list(lines)).items():
+        points = sorted((p for p in lines[scheme] if math.isfinite(p["mean"])),
+                        key=lambda p: p["x"])
+        if not points:
+            continue
+        xs = [p["x"] for p in points]
+        ax.plot(xs, [p["mean"] for p in points], color=color, marker="o", ms=4,
+                label=f"{scheme} (n={points[0]['n']} per value)")
+        ax.fill_between(xs, [p["lo"] for p in points], [p["hi"] for p in points], color=color,
+                        alpha=0.15)
+        bad = [p for p in points if p["diverged"]]
+        if bad:
+            ax.scatter([p["x"] for p in bad], [p["mean"] for p in bad], marker="x", s=90,
+                       color=color, zorder=3)
+        chosen = [p for p in points if p["chosen"]]
+        ax.scatter([p["x"] for p in chosen], [p["mean"] for p in chosen], s=160,
+                   facecolors="none", edgecolors=color, linewidths=2, zorder=3)
+    ax.scatter([], [], marker="x", color="black", label="a seed diverged")
+    ax.scatter([], [], s=160, facecolors="none", edgecolors="black", label="chosen")
+    if logx:
+        ax.set_xscale("log")
+    ax.set(title=f"validation accuracy against {option}", xlabel=option + (" (log scale)" if
+                                                                           logx else ""),
+           ylabel="final validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=8, loc="lower left")
     return _save(fig, path)

@@ -1,192 +1,43 @@
 """Comparison reports: from folders of runs to tables with error bars and the figures a
 researcher draws. Reads the saved run folders only; never trains.
 
-Runs are grouped into comparisons by their config minus the scheme and the seeds (and with the
-dataset actually used): runs that differ in anything else are never pooled, each comparison
-gets its own tables and figures.
+Each comparison (``results.comparisons``) is analysed on its own. With tuned options
+(``--tune lr``), each scheme is shown at the setting chosen on the validation split
+(``tuning.select``); every test number quoted is that of the runs at the chosen setting, and no
+choice reads a test number. p-values against the baseline are Holm-adjusted over the schemes
+compared.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import json
 import math
 import os
 import statistics
-import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .config import RESULT_FIELDS
-from .errors import InitStudyError
-from .tracking import read_jsonl
-
-# What must be equal for runs to be compared: the result-deciding options but the scheme and
-# the seeds, with the dataset actually used in place of the one asked for.
-COMPARE_FIELDS = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed",
-                                                             "dataset")) + ("dataset_used",)
-FINISHED = ("ok", "diverged")
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0  # the intervals are the same every time a report is made
+from .config import check_tune
+from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
+from .results import Comparison, Run, comparisons, load_runs, study_tune
+from .stats import (BOOTSTRAP_RESAMPLES, bootstrap_ci, bootstrap_diff_ci, holm, prob_beats,
+                    welch_p)
+from .tuning import STABLE_WITHIN, Selection, describe_values, select
 
 
-@dataclass
-class Run:
-    """One run folder as saved: its config, summary and epoch/step records."""
-
-    path: Path
-    config: dict[str, Any]
-    summary: dict[str, Any]
-    metrics: list[dict[str, Any]]
-
-    @property
-    def scheme(self) -> str:
-        return self.config["scheme"]
-
-    @property
-    def status(self) -> str:
-        return self.summary.get("status", "running")
-
-    @property
-    def epochs(self) -> list[dict[str, Any]]:
-        return [r for r in self.metrics if "epoch" in r]
-
-    @property
-    def steps(self) -> list[dict[str, Any]]:
-        return [r for r in self.metrics if "epoch" not in r]
-
-    def histograms(self) -> list[dict[str, Any]]:
-        path = self.path / "histograms.jsonl"
-        return read_jsonl(path) if path.exists() else []
-
-    def diagnostics(self) -> dict[str, Any] | None:
-        path = self.path / "init_diagnostics.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-
-def load_runs(dirs: list[Path]) -> list[Run]:
-    """Every run folder (one holding ``config.json``) in ``dirs`` or one level below; the same
-    run id met twice is read once."""
-    runs, seen = [], set()
-    for root in map(Path, dirs):
-        if not root.is_dir():
-            raise InitStudyError(f"no such runs folder: {root}")
-        candidates = [root] if (root / "config.json").exists() else sorted(
-            p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for path in candidates:
-            if not (path / "config.json").exists() or path.name in seen:
-                continue
-            seen.add(path.name)
-            config = json.loads((path / "config.json").read_text())
-            summary_path = path / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            metrics_path = path / "metrics.jsonl"
-            metrics = read_jsonl(metrics_path) if metrics_path.exists() else []
-            runs.append(Run(path, config, summary, metrics))
-    if not runs:
-        raise InitStudyError(f"no run folders (with config.json) in {', '.join(map(str, dirs))}")
-    return runs
-
-
-@dataclass
-class Comparison:
-    """Runs that differ only in scheme and seeds."""
-
-    key: dict[str, Any]
-    runs: list[Run]
-
-    @property
-    def schemes(self) -> list[str]:
-        return list(dict.fromkeys(r.scheme for r in self.runs))
-
-    def by_scheme(self, first: str = "default") -> dict[str, list[Run]]:
-        """Runs by scheme: ``first`` (the baseline) leads, the others follow by name."""
-        groups: dict[str, list[Run]] = defaultdict(list)
-        for run in sorted(self.runs, key=lambda r: (r.scheme != first, r.scheme,
-                                                    r.config.get("seed", 0))):
-            groups[run.scheme].append(run)
-        return dict(groups)
-
-
-def comparisons(runs: list[Run]) -> list[Comparison]:
-    groups: dict[str, list[Run]] = defaultdict(list)
-    keys = {}
-    for run in runs:
-        key = {f: run.config.get(f) for f in COMPARE_FIELDS}
-        text = json.dumps(key, sort_keys=True)
-        keys[text] = key
-        groups[text].append(run)
-    return [Comparison(keys[k], v) for k, v in groups.items()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def bootstrap_ci(values: list[float], seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean, resampling the runs (seeds)."""
-    data = np.asarray(values, dtype=float)
-    if len(data) < 2:
-        return (float(data[0]), float(data[0])) if len(data) else (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), (BOOTSTRAP_RESAMPLES, len(data)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def bootstrap_diff_ci(a: list[float], b: list[float],
-                      seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95% bootstrap interval of mean(a) - mean(b), resampling each group's runs."""
-    if not a or not b:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    diffs = (xa[rng.integers(0, len(xa), (BOOTSTRAP_RESAMPLES, len(xa)))].mean(1)
-             - xb[rng.integers(0, len(xb), (BOOTSTRAP_RESAMPLES, len(xb)))].mean(1))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def prob_beats(a: list[float], b: list[float]) -> float:
-    """P(a run of A beats a run of B): over all pairs, wins plus half the ties."""
-    if not a or not b:
-        return math.nan
-    wins = sum((x > y) + 0.5 * (x == y) for x in a for y in b)
-    return wins / (len(a) * len(b))
-
-
-def welch_p(a: list[float], b: list[float]) -> float:
-    """Two-sided p-value of Welch's t-test; NaN where it is undefined (fewer than two runs, or
-    no variance in either group)."""
-    from scipy import stats
-
-    if len(a) < 2 or len(b) < 2 or (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0):
-        return math.nan
-    with warnings.catch_warnings():  # one constant group (all at chance) is a valid case
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def epochs_to(run: Run, target: float) -> int | None:
-    """The first epoch whose test accuracy reaches ``target``; None if none does."""
-    return next((r["epoch"] for r in run.epochs if (r.get("test/acc") or 0) >= target), None)
-
-
-def _mean(values: list[float]) -> float:
+def _mean(values: list[float | None]) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.mean(values) if values else math.nan
 
 
 @dataclass
 class SchemeStats:
+    """One scheme at its chosen setting: final test accuracy over seeds and the rest."""
+
     scheme: str
+    setting: str  # the chosen values of the tuned options ("" when nothing is tuned)
     runs: int
     ok: int
     diverged: int
@@ -198,6 +49,8 @@ class SchemeStats:
     acc_ci: tuple[float, float]
     acc_median: float
     acc_best: float
+    val_mean: float  # final validation accuracy, mean over finished runs
+    val_ci: tuple[float, float]
     test_loss: float  # mean over finished runs with a finite loss
     train_loss: float
     epochs_to_target: float  # mean over runs that reached it
@@ -207,6 +60,7 @@ class SchemeStats:
     diff_ci: tuple[float, float] = (math.nan, math.nan)
     p_beats: float = math.nan
     welch: float = math.nan
+    welch_holm: float = math.nan
 
     @property
     def success(self) -> float:
@@ -214,58 +68,98 @@ class SchemeStats:
         return self.ok / self.runs if self.runs else math.nan
 
 
-def scheme_stats(scheme: str, runs: list[Run], target: float) -> SchemeStats:
-    finished = [r for r in runs if r.status in FINISHED]
-    accs = [r.summary["test/acc"] for r in finished]  # diverged runs count, at their accuracy
-    reached = [e for e in (epochs_to(r, target) for r in finished) if e is not None]
+@dataclass
+class Analysis:
+    """What a report says about one comparison."""
+
+    comparison: Comparison
+    selections: list[Selection]
+    stats: list[SchemeStats]
+    target: float
+    split: str  # the split the target and "epochs to target" are measured on
+
+    @property
+    def best(self) -> SchemeStats | None:
+        """The scheme with the highest mean final accuracy on the selection split (validation
+        where the runs have it): the winner is never picked on the test set."""
+        key = (lambda s: s.val_mean) if self.split == "val" else (lambda s: s.acc_mean)
+        scored = [s for s in self.stats if math.isfinite(key(s))]
+        return max(scored, key=key) if scored else None
+
+
+def epochs_to(run: Run, target: float, split: str) -> int | None:
+    """The first epoch whose accuracy on ``split`` reaches ``target``; None if none does."""
+    return next((r["epoch"] for r in run.epochs if (r.get(f"{split}/acc") or 0) >= target),
+                None)
+
+
+def selection_split(runs: list[Run]) -> str:
+    """"val" when every finished run measured validation accuracy, else "test" (runs made
+    before validation splits existed, or with --val-size 0)."""
+    finished = [r for r in runs if r.finished]
+    return "val" if finished and all(r.final("val") is not None for r in finished) else "test"
+
+
+def choose_target(selections: list[Selection], split: str) -> float:
+    """A target accuracy from the data: 95% of the best scheme's mean final accuracy on
+    ``split``, rounded down to a whole percent, so that the good schemes reach it and the
+    comparison is of speed."""
+    means = [_mean([r.final(split) for r in sel.runs if r.finished]) for sel in selections]
+    means = [m for m in means if math.isfinite(m)]
+    return math.floor(0.95 * max(means) * 100) / 100 if means else math.nan
+
+
+def scheme_stats(comparison: Comparison, selection: Selection, target: float,
+                 split: str) -> SchemeStats:
+    runs = selection.runs
+    finished = [r for r in runs if r.finished]
+    accs = [a for a in (r.final("test") for r in finished) if a is not None]
+    vals = [a for a in (r.final("val") for r in finished) if a is not None]
+    reached = [e for e in (epochs_to(r, target, split) for r in finished) if e is not None]
     statuses = [r.status for r in runs]
     return SchemeStats(
-        scheme=scheme, runs=len(runs), ok=statuses.count("ok"),
-        diverged=statuses.count("diverged"), failed=statuses.count("failed"),
-        unfinished=sum(s not in (*FINISHED, "failed") for s in statuses), accs=accs,
+        scheme=selection.scheme, setting=describe_values(comparison, selection.best.values),
+        runs=len(runs), ok=statuses.count("ok"), diverged=statuses.count("diverged"),
+        failed=statuses.count("failed"),
+        unfinished=sum(not r.finished and r.status != "failed" for r in runs), accs=accs,
         acc_mean=statistics.mean(accs) if accs else math.nan,
         acc_std=statistics.stdev(accs) if len(accs) > 1 else math.nan,
         acc_ci=bootstrap_ci(accs), acc_median=statistics.median(accs) if accs else math.nan,
         acc_best=max(accs) if accs else math.nan,
+        val_mean=statistics.mean(vals) if vals else math.nan, val_ci=bootstrap_ci(vals),
         test_loss=_mean([r.summary.get("test/loss") for r in finished]),
         train_loss=_mean([r.summary.get("train/loss") for r in finished]),
         epochs_to_target=statistics.mean(reached) if reached else math.nan,
         reached=len(reached))
 
 
-def choose_target(comparison: Comparison) -> float:
-    """A target accuracy from the data: 95% of the best scheme's mean final accuracy, rounded
-    down to a whole percent, so that the good schemes reach it and the comparison is of speed."""
-    means = [statistics.mean(a) for a in (
-        [r.summary["test/acc"] for r in runs if r.status in FINISHED]
-        for runs in comparison.by_scheme().values()) if a]
-    return math.floor(0.95 * max(means) * 100) / 100 if means else math.nan
-
-
 def compare(comparison: Comparison, baseline: str = "default",
-            target: float | None = None) -> tuple[list[SchemeStats], float]:
-    """Per-scheme statistics of one comparison, with differences against ``baseline`` (when it
-    is present); returns (stats in the runs' scheme order, target used)."""
-    target = choose_target(comparison) if target is None else target
-    stats = [scheme_stats(s, runs, target)
-             for s, runs in comparison.by_scheme(baseline).items()]
+            target: float | None = None) -> Analysis:
+    """Each scheme at its chosen setting, with differences against ``baseline`` at the
+    baseline's own chosen setting (when it is present), p-values Holm-adjusted."""
+    selections = select(comparison, baseline)
+    split = selection_split(comparison.runs)
+    target = choose_target(selections, split) if target is None else target
+    stats = [scheme_stats(comparison, sel, target, split) for sel in selections]
     base = next((s for s in stats if s.scheme == baseline), None)
     if base is not None:
-        for s in stats:
-            if s is not base:
-                s.diff = s.acc_mean - base.acc_mean
-                s.diff_ci = bootstrap_diff_ci(s.accs, base.accs)
-                s.p_beats = prob_beats(s.accs, base.accs)
-                s.welch = welch_p(s.accs, base.accs)
-    return stats, target
+        others = [s for s in stats if s is not base]
+        for s in others:
+            s.diff = s.acc_mean - base.acc_mean
+            s.diff_ci = bootstrap_diff_ci(s.accs, base.accs)
+            s.p_beats = prob_beats(s.accs, base.accs)
+            s.welch = welch_p(s.accs, base.accs)
+        for s, adjusted in zip(others, holm([s.welch for s in others])):
+            s.welch_holm = adjusted
+    return Analysis(comparison, selections, stats, target, split)
 
 
 # ---------------------------------------------------------------------------------------------
 # Figures
 
 
-def _layers(comparison: Comparison) -> list[str]:
-    for run in comparison.runs:
+def _layers(runs: list[Run]) -> list[str]:
+    for run in runs:
         names = [k.split("/", 1)[1] for k in (run.epochs[0] if run.epochs else {})
                  if k.startswith("weight_std/")]
         if names:
@@ -273,60 +167,116 @@ def _layers(comparison: Comparison) -> list[str]:
     return []
 
 
-def figures(comparison: Comparison, stats: list[SchemeStats], folder: Path,
-            prefix: str = "", baseline: str = "default") -> list[tuple[str, Path]]:
+def _steps_per_epoch(run: Run) -> int | None:
+    images = (run.config.get("env") or {}).get("train_images")
+    return -(-images // run.config["batch_size"]) if images and run.config.get("batch_size") \
+        else None
+
+
+def _divergences(groups: dict[str, list[Run]], x_of, y_of) -> dict[str, list[tuple]]:
+    """Where each diverged run stopped, as (x, y) points for the curve figures."""
+    marks: dict[str, list[tuple]] = {}
+    for scheme, runs in groups.items():
+        for run in runs:
+            step = run.summary.get("diverged_step")
+            if run.status == "diverged" and step:
+                point = (x_of(run, step), y_of(run))
+                if None not in point:
+                    marks.setdefault(scheme, []).append(point)
+    return marks
+
+
+def _split_name(analysis: Analysis, split: str) -> str:
+    n = analysis.comparison.key.get(f"{split}_images")
+    name = "validation" if split == "val" else "test"
+    return f"{name} split, {n:,} images" if n else f"{name} split"
+
+
+def figures(analysis: Analysis, folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
     """Draw every figure of one comparison into ``folder``; returns (caption, path) pairs."""
     from . import plots
 
     folder.mkdir(parents=True, exist_ok=True)
-    groups = comparison.by_scheme(baseline)
-    layers = _layers(comparison)
+    groups = {sel.scheme: sel.runs for sel in analysis.selections}
+    runs = [r for rs in groups.values() for r in rs]
+    layers = _layers(runs)
+    at = " (each scheme at its chosen setting)" if analysis.comparison.tuned else ""
     made = []
 
     def add(caption: str, path: Path | None) -> None:
         if path is not None:
             made.append((caption, path))
 
-    add("Train loss against step: mean over seeds, band = ±1 std over seeds.",
-        plots.mean_curves({s: [[(r["step"], r["train/loss"]) for r in run.steps] for run in runs]
-                           for s, runs in groups.items()}, folder / f"{prefix}train_loss.png",
+    if analysis.comparison.tuned:
+        option = analysis.comparison.tuned[0]
+        add(f"Sensitivity: final validation accuracy ({_split_name(analysis, 'val')}) against "
+            f"{option}; mean over seeds with its 95% bootstrap band; a cross marks a setting "
+            f"where a seed diverged, a ring the setting chosen.",
+            plots.sensitivity(_sensitivity_lines(analysis), option,
+                              folder / f"{prefix}sensitivity.png",
+                              logx=all(isinstance(v, (int, float)) and v > 0 for sel in
+                                       analysis.selections for s in sel.settings
+                                       for v in s.values[:1])))
+    last_loss = lambda run: next((r["train/loss"] for r in reversed(run.steps)
+                                  if r.get("train/loss") is not None), None)
+    add("Train loss (training split) against step: mean over seeds, band = ±1 std; × where a "
+        f"run diverged{at}.",
+        plots.mean_curves({s: [[(r["step"], r["train/loss"]) for r in run.steps] for run in rs]
+                           for s, rs in groups.items()}, folder / f"{prefix}train_loss.png",
                           "train loss (cross-entropy, log scale)", "step (batches)",
-                          "train loss", logy=True))
-    add("Test accuracy against epoch (epoch 0 = at init): mean over seeds, band = ±1 std.",
-        plots.mean_curves({s: [[(r["epoch"], 100 * r["test/acc"]) for r in run.epochs
-                                if r.get("test/acc") is not None] for run in runs]
-                           for s, runs in groups.items()}, folder / f"{prefix}test_acc.png",
-                          "test accuracy", "epoch", "test accuracy (%)"))
-    add("Final test accuracy of every run (dots) and the mean with its 95% bootstrap interval "
-        "over seeds (diamond and bar).",
-        plots.final_accuracy({s.scheme: s.accs for s in stats},
-                             {s.scheme: s.acc_ci for s in stats},
-                             folder / f"{prefix}final_acc.png", "final test accuracy per run"))
+                          "train loss", logy=True,
+                          marks=_divergences(groups, lambda run, step: step, last_loss)))
+    for split in ("val", "test") if analysis.split == "val" else ("test",):
+        epoch_of = lambda run, step: step / _steps_per_epoch(run) if _steps_per_epoch(run) \
+            else None
+        acc_at_end = lambda run: 100 * run.final(split) if run.final(split) is not None else None
+        add(f"Accuracy on the {_split_name(analysis, split)} against epoch (epoch 0 = at init): "
+            f"mean over seeds, band = ±1 std; × where a run diverged (its accuracy there){at}.",
+            plots.mean_curves({s: [[(r["epoch"], 100 * r[f"{split}/acc"]) for r in run.epochs
+                                    if r.get(f"{split}/acc") is not None] for run in rs]
+                               for s, rs in groups.items()}, folder / f"{prefix}{split}_acc.png",
+                              f"{'validation' if split == 'val' else 'test'} accuracy", "epoch",
+                              f"{split} accuracy (%)",
+                              marks=_divergences(groups, epoch_of, acc_at_end)))
+    add(f"Final accuracy on the {_split_name(analysis, 'test')} of every run (dots) and the "
+        f"mean with its 95% bootstrap interval over seeds (diamond and bar){at}.",
+        plots.final_accuracy({s.scheme: s.accs for s in analysis.stats},
+                             {s.scheme: s.acc_ci for s in analysis.stats},
+                             folder / f"{prefix}final_acc.png",
+                             "final test accuracy per run"))
     if layers:
-        add("Per-layer weight std over epochs (mean over seeds).",
+        add(f"Per-layer weight std over epochs (mean over seeds){at}.",
             plots.per_layer_lines(_epoch_series(groups, "weight_std", layers), layers,
                                   folder / f"{prefix}weight_std.png", "weight std per layer",
                                   "weight std"))
-        add("Relative update per epoch, ||W_end - W_start|| / ||W_start|| (mean over seeds).",
+        add(f"Relative update per epoch, ||W_end - W_start|| / ||W_start|| (mean over seeds){at}.",
             plots.per_layer_lines(_epoch_series(groups, "rel_update", layers), layers,
                                   folder / f"{prefix}rel_update.png",
                                   "relative weight update per epoch", "relative update"))
         hists = _first_seed_histograms(groups, layers)
         add("Weight histograms (30 bins, as the note's plt.hist) per layer and scheme, at init "
-            "(grey) and after training (blue); first seed of each scheme.",
+            "(grey) and after training (blue; where it left the init's scale, as in a diverged "
+            f"run, its range is written in the panel); first seed of each scheme{at}.",
             plots.histogram_grid({s: h["weight"] for s, h in hists.items()}, layers,
                                  folder / f"{prefix}weight_hist.png",
                                  "weights at init and after training"))
         add("Biases value by output unit (as the note's plt.plot), at init (grey) and after "
-            "training (blue); first seed of each scheme.",
+            f"training (blue); first seed of each scheme{at}.",
             plots.bias_grid({s: h["bias"] for s, h in hists.items()}, layers,
                             folder / f"{prefix}biases.png", "biases at init and after training"))
     profiles = _depth_profiles(groups)
     if profiles:
         add("Signal propagation at init: the forward and backward std per layer "
-            "(init_diagnostics.json, mean over seeds).",
+            "(init_diagnostics.json, training images, mean over seeds).",
             plots.depth_profile(profiles, layers, folder / f"{prefix}init_signal.png"))
     return made
+
+
+def _sensitivity_lines(analysis: Analysis) -> dict[str, list[dict[str, Any]]]:
+    return {sel.scheme: [{"x": s.values[0], "mean": 100 * s.val_mean,
+                          "lo": 100 * s.val_ci[0], "hi": 100 * s.val_ci[1],
+                          "diverged": s.diverged, "n": len(s.runs), "chosen": s is sel.best}
+                         for s in sel.settings] for sel in analysis.selections}
 
 
 def _epoch_series(groups: dict[str, list[Run]], kind: str, layers: list[str]):
@@ -364,68 +314,84 @@ def _depth_profiles(groups: dict[str, list[Run]]) -> dict[str, dict[str, list[fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering
+# Tables
 
 
-def _pct(value: float) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}"
-
-
-def _num(value: float, digits: int = 4) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
-
-
-def _interval(ci: tuple[float, float]) -> str:
-    return "-" if not all(map(math.isfinite, ci)) else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
-
-
-def _signed_interval(ci: tuple[float, float]) -> str:
-    if not all(map(math.isfinite, ci)):
-        return "-"
-    return f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
-
-
-def main_table(stats: list[SchemeStats], target: float) -> tuple[list[str], list[list[str]]]:
-    header = ["scheme", "runs", "ok", "diverged", "failed", "success", "acc mean (%)",
-              "acc std", "95% CI", "median", "best", "test loss",
-              f"epochs to {_pct(target)}%", "train loss"]
-    rows = [[s.scheme, str(s.runs), str(s.ok), str(s.diverged), str(s.failed),
-             f"{s.ok}/{s.runs}", _pct(s.acc_mean), _pct(s.acc_std), _interval(s.acc_ci),
-             _pct(s.acc_median), _pct(s.acc_best), _num(s.test_loss),
-             f"{_num(s.epochs_to_target, 3)} ({s.reached}/{s.ok + s.diverged})",
-             _num(s.train_loss)] for s in stats]
+def main_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    tuned = bool(analysis.comparison.tuned)
+    split = "val" if analysis.split == "val" else "test"
+    header = (["scheme"] + (["chosen on validation"] if tuned else []) +
+              ["runs", "ok", "diverged", "failed", "success", "val acc (%)", "test acc (%)",
+               "test std", "test 95% CI", "test median", "test best", "test loss",
+               f"epochs to {pct(analysis.target)}% {split}", "train loss"])
+    rows = [[s.scheme] + ([s.setting] if tuned else []) +
+            [str(s.runs), str(s.ok), str(s.diverged), str(s.failed), f"{s.ok}/{s.runs}",
+             pct(s.val_mean), pct(s.acc_mean), pct(s.acc_std), interval(s.acc_ci),
+             pct(s.acc_median), pct(s.acc_best), num(s.test_loss),
+             f"{num(s.epochs_to_target, 3)} ({s.reached}/{s.ok + s.diverged})",
+             num(s.train_loss)] for s in analysis.stats]
     return header, rows
 
 
-def baseline_table(stats: list[SchemeStats], baseline: str):
-    header = ["scheme", f"Δ acc vs {baseline} (points)", "95% CI", f"P(beats {baseline})",
-              "Welch p"]
+def baseline_table(analysis: Analysis, baseline: str):
+    header = ["scheme", f"Δ test acc vs {baseline} (points)", "95% CI", f"P(beats {baseline})",
+              "Welch p", "Holm-adjusted p"]
     rows = [[s.scheme, "-" if not math.isfinite(s.diff) else f"{100 * s.diff:+.2f}",
-             _signed_interval(s.diff_ci), _num(s.p_beats, 3), _num(s.welch, 3)]
-            for s in stats if s.scheme != baseline]
+             signed_interval(s.diff_ci), num(s.p_beats, 3), num(s.welch, 3),
+             num(s.welch_holm, 3)]
+            for s in analysis.stats if s.scheme != baseline]
     return header, rows
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def tuning_tables(analysis: Analysis) -> list[Section]:
+    """The grid (validation accuracy of every setting) and each scheme's stable range."""
+    comparison = analysis.comparison
+    values = sorted({s.values for sel in analysis.selections for s in sel.settings},
+                    key=lambda v: [(0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))
+                                   for x in v])
+    label = lambda v: describe_values(comparison, v).replace(", ", " ")
+    grid_rows = []
+    for sel in analysis.selections:
+        cells = {s.values: s for s in sel.settings}
+        row = [sel.scheme]
+        for v in values:
+            s = cells.get(v)
+            row.append("" if s is None else
+                       f"{pct(s.val_mean)}{' *' if s is sel.best else ''}"
+                       f"{f' ({s.diverged}/{len(s.runs)} div)' if s.diverged else ''}")
+        grid_rows.append(row)
+    stable_rows = []
+    for sel in analysis.selections:
+        stable = ", ".join(describe_values(comparison, s.values) for s in sel.stable) or "none"
+        note = (f"best at the {sel.edge} value tried: extend the grid "
+                f"{'down' if sel.edge == 'lowest' else 'up'}" if sel.edge else "")
+        stable_rows.append([sel.scheme, describe_values(comparison, sel.best.values),
+                            pct(sel.best.val_mean), interval(sel.best.val_ci), stable,
+                            f"{len(sel.stable)}/{len(sel.settings)}", note])
+    return [
+        Section("h3", "Validation accuracy over the grid"),
+        Section("table", "Mean final validation accuracy (%) over seeds at each setting; * the "
+                "setting chosen for the scheme (highest mean; diverged runs count at their "
+                "accuracy); (k/n div): k of n seeds diverged.",
+                ["scheme"] + [label(v) for v in values], grid_rows),
+        Section("h3", "Chosen setting and stable range"),
+        Section("table", f"Stable range: the settings at which every seed trained without "
+                f"diverging and the mean validation accuracy is within {100 * STABLE_WITHIN:g} "
+                f"point of the scheme's best. Chosen and stable settings are read off the "
+                f"validation split only.",
+                ["scheme", "chosen", "val acc (%)", "95% CI", "stable range", "stable / tried",
+                 "note"], stable_rows),
+    ]
 
 
 def provenance(runs: list[Run]) -> dict[str, Any]:
-    """Versions, commits, devices, dates and compute time of the runs."""
-    envs = [r.config.get("env", {}) for r in runs]
+    """Versions, commits, devices, data, dates and compute time of the runs."""
+    envs = [r.config.get("env") or {} for r in runs]
     values = lambda key: sorted({str(e.get(key)) for e in envs if e.get(key) is not None})
     starts = sorted(e["started_at"] for e in envs if e.get("started_at"))
     commits = sorted({f"{e.get('git_commit')}{' (dirty)' if e.get('git_dirty') else ''}"
                       for e in envs})
+    official = {e.get("data_official") for e in envs}
     return {
         "runs": len(runs), "first_started": starts[0] if starts else None,
         "last_started": starts[-1] if starts else None,
@@ -433,122 +399,130 @@ def provenance(runs: list[Run]) -> dict[str, Any]:
         "initstudy": values("initstudy"), "torch": values("torch"),
         "torchvision": values("torchvision"), "python": values("python"),
         "git_commits": commits, "devices": sorted({f"{r.config.get('device_used')} "
-                                                   f"({r.config.get('env', {}).get('device_name')})"
+                                                   f"({(r.config.get('env') or {}).get('device_name')})"
                                                    for r in runs}),
         "hosts": values("hostname"), "datasets": sorted({str(r.config.get("dataset_used"))
                                                          for r in runs}),
+        "data_sources": values("data_source"),
+        "official_data_sha256": ", ".join(sorted({"verified" if o else "no" if o is False
+                                                  else "not recorded" for o in official})),
     }
-
-
-def _common_config(comparison: Comparison) -> list[list[str]]:
-    return [[k, json.dumps(v)] for k, v in comparison.key.items()]
 
 
 def results_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per run for results.csv."""
+    from .results import compare_key
+
     rows = []
     for run in runs:
         row = {"run": run.path.name, "scheme": run.scheme, "seed": run.config.get("seed"),
                "data_seed": run.summary.get("data_seed"), "status": run.status}
-        row |= {k: run.summary.get(k) for k in ("test/acc", "best/test/acc", "test/loss",
-                                                 "train/loss", "diverged_step", "steps",
-                                                 "wall_seconds", "images_per_second")}
-        row |= {f: run.config.get(f) for f in COMPARE_FIELDS}
+        row |= {k: run.summary.get(k) for k in (
+            "val/acc", "test/acc", "best_epoch", "best/val/acc", "best/test/acc", "test/loss",
+            "train/loss", "diverged_step", "steps", "wall_seconds", "images_per_second")}
+        row |= {"lr": run.config.get("lr")} | compare_key(run)
         row["device"] = run.config.get("device_used")
-        row["git_commit"] = run.config.get("env", {}).get("git_commit")
+        row["git_commit"] = (run.config.get("env") or {}).get("git_commit")
         rows.append(row)
     return rows
 
 
+def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Path,
+                         baseline: str, given_target: bool) -> list[Section]:
+    comparison = analysis.comparison
+    key = comparison.key
+    head = (f"Comparison {index}: {key['dataset_used']}, {key['epochs']} epochs, "
+            f"{key['optimizer']} " + (f"at each scheme's best {', '.join(comparison.tuned)} "
+                                      f"(chosen on validation)" if comparison.tuned
+                                      else f"lr {key['lr']}"))
+    best = analysis.best
+    on = "validation" if analysis.split == "val" else "test"
+    headline = (f"Highest mean final {on} accuracy: **{best.scheme}**"
+                f"{' at ' + best.setting if best.setting else ''}, test accuracy "
+                f"{pct(best.acc_mean)}% (95% CI {interval(best.acc_ci)}, n = {len(best.accs)} "
+                f"runs)." if best else "")
+    split = "validation" if analysis.split == "val" else "test"
+    sections = [Section("h2", head), Section("text", headline)]
+    if comparison.tuned:
+        sections += tuning_tables(analysis)
+    sections += [
+        Section("h3", "Per scheme" + (" at its chosen setting" if comparison.tuned else "")),
+        Section("table", f"val acc: final accuracy on the {_split_name(analysis, 'val')}; test "
+                f"acc: final accuracy on the {_split_name(analysis, 'test')} (mean, std, 95% "
+                f"bootstrap interval, median and best over seeds). `epochs to "
+                f"{pct(analysis.target)}% {analysis.split}`: mean first epoch at which the "
+                f"{split} accuracy reaches the target ("
+                f"{'given' if given_target else f'95% of the best {split} mean, rounded down'}),"
+                f" over the runs that reach it (count in brackets).", *main_table(analysis)),
+    ]
+    header, rows = baseline_table(analysis, baseline)
+    if rows:
+        sections += [Section("h3", f"Against {baseline}"), Section(
+            "table", f"Δ: difference of mean final test accuracy in percentage points, with "
+            f"its bootstrap interval{', each scheme and ' + baseline + ' at their own chosen settings' if comparison.tuned else ''}; "
+            f"P(beats {baseline}): probability that a run of the scheme ends above a run of "
+            f"{baseline} (ties count half); Welch p: two-sided Welch's t-test; Holm-adjusted "
+            f"p: Welch p adjusted by Holm's method for the {len(rows)} schemes compared with "
+            f"{baseline}.", header, rows)]
+    sections += [Section("h3", "Held equal in this comparison"),
+                 Section("table", "", ["option", "value"],
+                         [[k, str(v)] for k, v in key.items()]),
+                 Section("h3", "Figures")]
+    sections += [Section("figure", caption, path=path)
+                 for caption, path in figures(analysis, folder, prefix)]
+    return sections
+
+
 def make_report(dirs: list[Path], out: Path, baseline: str = "default",
-                target: float | None = None, title: str | None = None) -> Path:
+                target: float | None = None, title: str | None = None,
+                tune: list[str] | None = None) -> Path:
     """Write ``out``/README.md, report.html (self-contained), figures/*.png and results.csv
-    from the run folders in ``dirs``; returns the README's path."""
+    from the run folders in ``dirs``; returns the README's path. ``tune``: options chosen per
+    scheme on validation (default: the ``tune`` of the study files in ``dirs``)."""
     runs = load_runs(dirs)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for old in (out / "figures").glob("*.png"):
         old.unlink()
+    tuned = tuple(check_tune(study_tune(dirs) if tune is None else tune))
     title = title or f"Init study: {', '.join(Path(d).name for d in dirs)}"
-    groups = comparisons(runs)
+    groups = comparisons(runs, tuned)
     shown = ", ".join(f"`{os.path.relpath(d, out)}`" for d in dirs)  # as seen from the report
-    md = [f"# {title}", "",
-          f"{len(runs)} runs from {shown}, in {len(groups)} "
-          f"comparison(s). Runs are compared only when everything but the scheme and the seeds "
-          f"is equal. Accuracies are percent of the test set; intervals are 95% bootstrap "
-          f"intervals over seeds ({BOOTSTRAP_RESAMPLES:,} resamples); diverged runs count in the "
-          f"means at their final accuracy, failed runs have none and are counted apart.", ""]
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(md[2])}</p>"]
+    intro = (f"{len(runs)} runs from {shown}, in {len(groups)} comparison(s). Runs are compared "
+             f"only when everything but the scheme, the seeds"
+             f"{' and the tuned ' + ', '.join(tuned) if tuned else ''} is equal. Accuracies are "
+             f"percent of the split named; intervals are 95% bootstrap intervals over seeds "
+             f"({BOOTSTRAP_RESAMPLES:,} resamples); diverged runs count in the means at their "
+             f"final accuracy, failed runs have none and are counted apart."
+             + (" Each scheme's setting is chosen on the validation split (highest mean final "
+                "validation accuracy over seeds); the test split is only reported." if tuned
+                else ""))
+    sections = [Section("h1", title), Section("text", intro)]
     for i, comparison in enumerate(groups, 1):
-        stats, used_target = compare(comparison, baseline, target)
         prefix = f"c{i}_" if len(groups) > 1 else ""
-        made = figures(comparison, stats, out / "figures", prefix, baseline)
-        head = f"Comparison {i}: {comparison.key['dataset_used']}, {comparison.key['epochs']} " \
-               f"epochs, {comparison.key['optimizer']} lr {comparison.key['lr']}"
-        best = max((s for s in stats if math.isfinite(s.acc_mean)), key=lambda s: s.acc_mean,
-                   default=None)
-        headline = (f"Best mean final test accuracy: **{best.scheme}**, {_pct(best.acc_mean)}% "
-                    f"(95% CI {_interval(best.acc_ci)}, {best.runs} runs)." if best else "")
-        sections = [
-            ("Per scheme", main_table(stats, used_target),
-             f"`epochs to {_pct(used_target)}%`: mean first epoch at which test accuracy "
-             f"reaches the target ({'given' if target is not None else 'chosen as 95% of the best mean, rounded down'}), "
-             f"over the runs that reach it (count in brackets)."),
-            (f"Against {baseline}", baseline_table(stats, baseline),
-             "Δ: difference of mean accuracy in percentage points, with its bootstrap interval; "
-             f"P(beats {baseline}): probability that a run of the scheme ends above a run of "
-             f"{baseline} (ties count half); Welch p: two-sided Welch's t-test."),
-            ("Held equal in this comparison", (["option", "value"], _common_config(comparison)),
-             ""),
-        ]
-        md += [f"## {head}", "", headline, ""]
-        body += [f"<h2>{html.escape(head)}</h2>", f"<p>{html.escape(headline.replace('**', ''))}</p>"]
-        for name, (header, rows), note in sections:
-            if name.startswith("Against") and not rows:
-                continue
-            md += [f"### {name}", "", _md_table(header, rows), "", note, ""]
-            body += [f"<h3>{html.escape(name)}</h3>", _html_table(header, rows),
-                     f"<p class='note'>{html.escape(note)}</p>"]
-        md += ["### Figures", ""]
-        body += ["<h3>Figures</h3>"]
-        for caption, path in made:
-            md += [f"![{caption}](figures/{path.name})", "", f"*{caption}*", ""]
-            data = base64.b64encode(path.read_bytes()).decode()
-            body += [f"<figure><img alt='{html.escape(caption)}' "
-                     f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}"
-                     f"</figcaption></figure>"]
+        analysis = compare(comparison, baseline, target)
+        sections += _comparison_sections(analysis, i, prefix, out / "figures", baseline,
+                                         target is not None)
     prov = provenance(runs)
-    prov_rows = [[k.replace("_", " "), ", ".join(v) if isinstance(v, list) else
-                  (f"{v:.2f}" if isinstance(v, float) else str(v))] for k, v in prov.items()]
-    md += ["## Provenance", "", _md_table(["what", "value"], prov_rows), ""]
-    body += ["<h2>Provenance</h2>", _html_table(["what", "value"], prov_rows)]
+    sections += [Section("h2", "Provenance"), Section(
+        "table", "", ["what", "value"],
+        [[k.replace("_", " "), ", ".join(v) if isinstance(v, list) else
+          (f"{v:.2f}" if isinstance(v, float) else str(v))] for k, v in prov.items()])]
     for d in dirs:
         study = Path(d) / "study.toml"
         if study.exists():
-            md += [f"Study file (`{os.path.relpath(study, out)}`):", "", "```toml",
-                   study.read_text().strip(), "```", ""]
-            body += [f"<p>Study file ({html.escape(os.path.relpath(study, out))}):</p>",
-                     f"<pre>{html.escape(study.read_text())}</pre>"]
-    md += ["Every run's config (options, versions, commit, device) is in its `config.json`; "
-           "one row per run is in [results.csv](results.csv).", "",
-           f"Generated {datetime.now().astimezone().isoformat(timespec='seconds')} by "
-           f"`initstudy report` from the saved run folders (nothing was retrained)."]
-    (out / "README.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html_page(title, "\n".join(body)))
+            sections += [Section("text", f"Study file (`{os.path.relpath(study, out)}`):"),
+                         Section("code", study.read_text())]
+    sections += [
+        Section("text", "Every run's config (options, versions, commit, device, data source) is "
+                "in its `config.json`; one row per run is in [results.csv](results.csv)."),
+        Section("text", f"Generated {datetime.now().astimezone().isoformat(timespec='seconds')}"
+                f" by `initstudy report` from the saved run folders (nothing was retrained).")]
+    (out / "README.md").write_text(to_markdown(sections, out))
+    (out / "report.html").write_text(to_html(sections, title))
     rows = results_rows(runs)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     return out / "README.md"
-
-
-def _html_page(title: str, body: str) -> str:
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;"
-             "padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0;"
-             "font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}"
-             ".note{font-size:13px;color:#555}pre{background:#f6f6f6;padding:1em}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{style}</style></head><body>{body}</body></html>\n")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PACK_FIELDS, RunConfig
+from .config import PACK_FIELDS, RunConfig, check_tune
 from .errors import InitStudyError, RunFailed
 from .schemes import resolve
 from .tracking import write_json_atomic
@@ -75,15 +75,11 @@ def load_study(path: Path) -> Study:
 
 def tune_options(spec: dict[str, Any]) -> list[str]:
     """A study's ``tune`` list, checked: run options that decide a result."""
-    from .config import RESULT_FIELDS
-
     tune = spec.get("tune", [])
-    tune = [tune] if isinstance(tune, str) else tune
-    bad = [t for t in tune if t not in RESULT_FIELDS or t in ("scheme", "seed", "data_seed")]
-    if bad:
-        raise StudyError(f"tune: cannot tune {', '.join(map(str, bad))}; tune takes run "
-                         f"options such as lr, momentum, weight_decay, batch_size, epochs")
-    return list(tune)
+    try:
+        return check_tune([tune] if isinstance(tune, str) else tune)
+    except InitStudyError as exc:
+        raise StudyError(f"tune: {exc}") from None
 
 
 def expand(spec: dict[str, Any]) -> list[RunConfig]:

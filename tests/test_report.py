@@ -13,15 +13,18 @@ from scipy import stats as scipy_stats
 from typer.testing import CliRunner
 
 from initstudy.cli import app
-from initstudy.report import (compare, comparisons, load_runs, make_report, prob_beats,
-                              bootstrap_ci)
+from initstudy.report import compare, make_report
+from initstudy.results import comparisons, load_runs
+from initstudy.stats import bootstrap_ci, holm, prob_beats
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 
 
 def fake_run(root: Path, scheme: str, seed: int, accs: list[float], status: str = "ok",
-             lr: float = 0.01, dataset: str = "mnist-sample", epochs: int = 2) -> Path:
-    """A run folder as `train` writes it, with test accuracy ``accs[e]`` after epoch e."""
+             lr: float = 0.01, dataset: str = "mnist-sample", epochs: int = 2,
+             vals: list[float] | None = None) -> Path:
+    """A run folder as `train` writes it, with test accuracy ``accs[e]`` after epoch e and,
+    when given, validation accuracy ``vals[e]`` (else none: a run from before validation)."""
     folder = root / f"{scheme}-s{seed}-lr{lr}-{dataset}"
     folder.mkdir(parents=True)
     config = {"scheme": scheme, "seed": seed, "data_seed": None, "dataset": dataset,
@@ -31,13 +34,17 @@ def fake_run(root: Path, scheme: str, seed: int, accs: list[float], status: str 
               "env": {"torch": "2.14.1", "torchvision": "0.29.1", "python": "3.11.7",
                       "initstudy": "0.1.0", "git_commit": "abc123", "git_dirty": False,
                       "hostname": "h", "device_name": "cpu",
-                      "started_at": f"2026-11-29T0{seed}:00:00+00:00"}}
+                      "started_at": f"2026-11-29T0{seed}:00:00+00:00",
+                      "train_images": 1000, "val_images": 100 if vals else 0,
+                      "test_images": 500}}
     (folder / "config.json").write_text(json.dumps(config))
     epochs, steps = [], []
     for e, acc in enumerate(accs):
         record = {"epoch": e, "step": 10 * e, "train/loss": None if e == 0 else 1.0 / e,
                   "train/acc": None if e == 0 else acc, "test/loss": 2.0 - acc,
                   "test/acc": acc, "lr": lr}
+        if vals:
+            record |= {"val/acc": vals[e], "val/loss": 2.0 - vals[e]}
         record |= {f"weight_std/{l}": 0.1 + 0.01 * e for l in LAYERS}
         record |= {f"rel_update/{l}": 0.0 if e == 0 else 0.1 / e for l in LAYERS}
         epochs.append(record)
@@ -59,7 +66,8 @@ def fake_run(root: Path, scheme: str, seed: int, accs: list[float], status: str 
         "layers": [{"name": l, "out_std": 1.0 + i, "grad_out_std": 0.1 * (i + 1)}
                    for i, l in enumerate(LAYERS)], "logit_std": 5.0, "max_prob_mean": 0.5}))
     summary = {"status": status, "scheme": scheme, "seed": seed, "wall_seconds": 60.0,
-               "test/acc": accs[-1], "test/loss": 2.0 - accs[-1], "train/loss": 0.5}
+               "test/acc": accs[-1], "test/loss": 2.0 - accs[-1], "train/loss": 0.5,
+               "val/acc": vals[-1] if vals else None}
     if status == "diverged":
         summary |= {"test/loss": None, "train/loss": None, "diverged_step": 7}
     if status == "failed":
@@ -82,8 +90,9 @@ def study(tmp_path) -> Path:
 
 def test_table_values_are_exact(study):
     (comparison,) = comparisons(load_runs([study]))
-    stats, target = compare(comparison, baseline="default", target=0.93)
-    assert target == 0.93
+    analysis = compare(comparison, baseline="default", target=0.93)
+    stats, target = analysis.stats, analysis.target
+    assert target == 0.93 and analysis.split == "test"  # these runs have no validation
     default, kaiming = stats
     assert (default.runs, default.ok, default.diverged, default.failed) == (3, 3, 0, 0)
     assert default.acc_mean == pytest.approx(0.92)
@@ -104,6 +113,7 @@ def test_table_values_are_exact(study):
     assert kaiming.p_beats == pytest.approx((3 * 3 + 0) / 12)  # 0.098 loses to all three
     expected_p = scipy_stats.ttest_ind(accs, [0.90, 0.92, 0.94], equal_var=False).pvalue
     assert kaiming.welch == pytest.approx(expected_p)
+    assert kaiming.welch_holm == pytest.approx(expected_p)  # one scheme compared: no change
     lo, hi = kaiming.diff_ci
     assert lo < kaiming.diff < hi
 
@@ -118,7 +128,7 @@ def test_bootstrap_interval_and_probability_of_beating():
 
 def test_target_chosen_from_the_data(study):
     (comparison,) = comparisons(load_runs([study]))
-    _, target = compare(comparison)
+    target = compare(comparison).target
     assert target == math.floor(0.95 * 0.92 * 100) / 100  # kaiming's mean is dragged down
 
 
@@ -146,7 +156,7 @@ def test_report_files(study, tmp_path):
     out = tmp_path / "report"
     make_report([study], out, target=0.93)
     readme = (out / "README.md").read_text()
-    assert "| default | 3 | 3 | 0 | 0 | 3/3 | 92.00 | 2.00 |" in readme
+    assert "| default | 3 | 3 | 0 | 0 | 3/3 | - | 92.00 | 2.00 |" in readme  # no validation
     assert "| kaiming | 5 | 3 | 1 | 1 | 3/5 |" in readme
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert figures == sorted(["train_loss.png", "test_acc.png", "final_acc.png",
@@ -174,3 +184,111 @@ def test_report_command(study, tmp_path):
     empty.mkdir()
     bad = CliRunner().invoke(app, ["report", str(empty), "--out", str(tmp_path / "r2")])
     assert bad.exit_code == 2 and "no run folders" in bad.stderr
+
+
+@pytest.fixture
+def tuned_study(tmp_path) -> Path:
+    """default and kaiming over a learning-rate grid, with validation accuracy. At default's
+    lr 0.1 validation is best but test is worse than at 0.01: a report that peeked at the
+    test split would choose differently."""
+    root = tmp_path / "runs"
+    grid = {  # scheme -> lr -> (final val accs over seeds, final test accs over seeds)
+        "default": {0.01: ([0.90, 0.91, 0.92], [0.95, 0.96, 0.97]),
+                    0.1: ([0.93, 0.94, 0.95], [0.91, 0.92, 0.93])},
+        "kaiming": {0.001: ([0.80, 0.81, 0.82], [0.80, 0.81, 0.82]),
+                    0.01: ([0.96, 0.97, 0.975], [0.96, 0.97, 0.98]),
+                    0.1: ([0.1, 0.1, 0.96], [0.1, 0.1, 0.96])},
+    }
+    for scheme, by_lr in grid.items():
+        for lr, (vals, tests) in by_lr.items():
+            for seed, (val, test) in enumerate(zip(vals, tests)):
+                diverged = scheme == "kaiming" and lr == 0.1 and seed < 2
+                fake_run(root, scheme, seed, [0.1, test - 0.05, test], lr=lr,
+                         vals=[0.1, val - 0.05, val], status="diverged" if diverged else "ok")
+    (root / "study.toml").write_text('name = "t"\ntune = ["lr"]\nschemes = ["default"]\n')
+    return root
+
+
+def test_tuning_chooses_on_validation_and_reports_test_of_that_choice(tuned_study):
+    (comparison,) = comparisons(load_runs([tuned_study]), tuned=("lr",))
+    analysis = compare(comparison)
+    default, kaiming = analysis.selections
+    assert default.best.values == (0.1,) and kaiming.best.values == (0.01,)
+    stats = {s.scheme: s for s in analysis.stats}
+    assert stats["default"].setting == "lr=0.1"
+    assert stats["default"].acc_mean == pytest.approx(0.92)  # test at lr 0.1, not at 0.01
+    assert stats["default"].val_mean == pytest.approx(0.94)
+    assert stats["kaiming"].acc_mean == pytest.approx(0.97)
+    assert stats["kaiming"].diff == pytest.approx(0.97 - 0.92)
+    # Stable range: every seed trained and within a point of the best mean validation acc.
+    assert [s.values for s in default.stable] == [(0.1,)]
+    assert [s.values for s in kaiming.stable] == [(0.01,)]  # 0.1 diverged twice
+    assert default.edge == "highest" and kaiming.edge is None
+    assert kaiming.settings[-1].diverged == 2
+    assert analysis.best.scheme == "kaiming" and analysis.split == "val"
+
+
+def test_tuned_report_names_splits_tables_and_figures(tuned_study, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(tuned_study), "--out", str(out)])
+    assert result.exit_code == 0, result.output  # tune = ["lr"] comes from study.toml
+    readme = (out / "README.md").read_text()
+    assert "at each scheme's best lr (chosen on validation)" in readme
+    assert "| default | lr=0.1 | 94.00 | [93.00, 95.00] | lr=0.1 | 1/2 | best at the highest " \
+           "value tried: extend the grid up |" in readme
+    assert "| kaiming | 81.00 | 96.83 * | 38.67 (2/3 div) |" in readme
+    assert "Holm-adjusted p" in readme and "validation split, 100 images" in readme
+    assert "test split, 500 images" in readme
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"sensitivity.png", "val_acc.png", "test_acc.png"} <= figures
+    assert "![Sensitivity: final validation accuracy" in readme
+    # The same folder untuned: lr differs, so each lr is its own comparison.
+    untuned = CliRunner().invoke(app, ["report", str(tuned_study), "--out", str(tmp_path / "u"),
+                                       "--tune", "lr", "--tune", "momentum"])
+    assert untuned.exit_code == 0, untuned.output
+    bad = CliRunner().invoke(app, ["report", str(tuned_study), "--out", str(tmp_path / "b"),
+                                   "--tune", "optimiser"])
+    assert bad.exit_code == 2 and "cannot tune optimiser" in bad.stderr
+
+
+def test_tuning_needs_validation_accuracy(study, tmp_path):
+    result = CliRunner().invoke(app, ["report", str(study), "--out", str(tmp_path / "r"),
+                                      "--tune", "lr"])
+    assert result.exit_code == 2 and "needs validation accuracy" in result.stderr
+
+
+def test_holm_adjustment():
+    assert holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan],
+                                                               nan_ok=True)
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1, and never below a smaller p's
+    assert holm([]) == []
+
+
+@pytest.mark.parametrize("damage", ["summary", "config", "metrics"])
+def test_unreadable_run_folders_are_skipped_with_one_warning(study, tmp_path, damage):
+    broken = next(p for p in study.iterdir() if p.name.startswith("default-s0"))
+    {"summary": broken / "summary.json", "config": broken / "config.json",
+     "metrics": broken / "metrics.jsonl"}[damage].write_text('{"status": "o')
+    result = CliRunner().invoke(app, ["report", str(study), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    if damage == "metrics":  # a torn last JSONL line is what a kill leaves: read the rest
+        assert "WARNING" not in result.stderr
+        return
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and str(broken) in warnings[0]
+    assert "Traceback" not in result.output
+    assert "| default | 2 | 2 |" in (tmp_path / "r" / "README.md").read_text()
+
+
+def test_weight_panels_keep_the_init_scale_when_the_final_weights_blow_up():
+    import matplotlib.pyplot as plt
+
+    from initstudy.plots import _off_scale
+
+    fig, ax = plt.subplots()
+    assert _off_scale(ax, (-1.0, 1.0), (-3e23, 5e23), 0, "x")
+    assert ax.get_xlim() == pytest.approx((-1.2, 1.2))
+    assert "final spans [-3e+23, 5e+23]" in ax.texts[0].get_text()
+    fig2, ax2 = plt.subplots()
+    assert not _off_scale(ax2, (-1.0, 1.0), (-1.5, 1.5), 0, "x")  # on scale: drawn as is
+    plt.close("all")
