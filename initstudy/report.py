@@ -497,6 +497,10 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
              + (" Each scheme's setting is chosen on the validation split (highest mean final "
                 "validation accuracy over seeds); the test split is only reported." if tuned
                 else ""))
+    unfinished = [r for r in runs if not r.finished and r.status != "failed"]
+    if unfinished:
+        intro += (f" **{len(unfinished)} run(s) had not finished** when this report was made "
+                  f"(status running or interrupted); they count as unfinished.")
     sections = [Section("h1", title), Section("text", intro)]
     for i, comparison in enumerate(groups, 1):
         prefix = f"c{i}_" if len(groups) > 1 else ""

@@ -12,7 +12,9 @@ from initstudy.report import make_report
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 TITLES = {"mnist-sample-lenet": "How the init changes LeNet's training on real MNIST digits "
-                                "(mnist-sample, 7 schemes x 5 seeds, 5 epochs)"}
+                                "(mnist-sample, 7 schemes x 5 seeds, 5 epochs, one lr)",
+          "mnist-lenet-tuned": "Each init at its own best learning rate, chosen on validation "
+                               "(full MNIST, 7 schemes, 3 seeds, 3 epochs)"}
 
 
 def main(names: list[str]) -> None:
