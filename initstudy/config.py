@@ -205,6 +205,13 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
+        # What decides whether a GPU run repeats bit for bit (README, "Reproducibility").
+        "compute_capability": (".".join(map(str, torch.cuda.get_device_capability(device)))
+                               if device.type == "cuda" else None),
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "torch_threads": torch.get_num_threads(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "argv": sys.argv,

@@ -443,11 +443,25 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
                 f"runs)." if best else "")
     split = "validation" if analysis.split == "val" else "test"
     sections = [Section("h2", head), Section("text", headline)]
+    devices = sorted({f"{(r.config.get('device_used') or '?').split(':')[0]} "
+                      f"({(r.config.get('env') or {}).get('device_name')})"
+                      for r in comparison.runs})
+    if len(devices) > 1:
+        sections.append(Section("text", f"**Mixed devices:** this comparison's runs ran on "
+                                f"{', '.join(devices)}. Runs on different device types or "
+                                f"models are not bit-identical (README, Reproducibility); "
+                                f"their seeds differ by float rounding as well as by chance."))
+    if analysis.split == "test":
+        sections.append(Section("text", "These runs have no validation split (made before "
+                                "runs had one, or with --val-size 0): the best scheme and the "
+                                "target below are read off the test split, so they describe "
+                                "these runs and select nothing."))
     if comparison.tuned:
         sections += tuning_tables(analysis)
     sections += [
         Section("h3", "Per scheme" + (" at its chosen setting" if comparison.tuned else "")),
-        Section("table", f"val acc: final accuracy on the {_split_name(analysis, 'val')}; test "
+        Section("table", f"val acc: final accuracy on the {_split_name(analysis, 'val')} ('-': "
+                f"no validation split); test "
                 f"acc: final accuracy on the {_split_name(analysis, 'test')} (mean, std, 95% "
                 f"bootstrap interval, median and best over seeds). `epochs to "
                 f"{pct(analysis.target)}% {analysis.split}`: mean first epoch at which the "
@@ -489,8 +503,9 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
     groups = comparisons(runs, tuned)
     shown = ", ".join(f"`{os.path.relpath(d, out)}`" for d in dirs)  # as seen from the report
     intro = (f"{len(runs)} runs from {shown}, in {len(groups)} comparison(s). Runs are compared "
-             f"only when everything but the scheme, the seeds"
-             f"{' and the tuned ' + ', '.join(tuned) if tuned else ''} is equal. Accuracies are "
+             f"only when everything but the scheme"
+             f"{', the seeds and the tuned ' + ', '.join(tuned) if tuned else ' and the seeds'}"
+             f" is equal. Accuracies are "
              f"percent of the split named; intervals are 95% bootstrap intervals over seeds "
              f"({BOOTSTRAP_RESAMPLES:,} resamples); diverged runs count in the means at their "
              f"final accuracy, failed runs have none and are counted apart."

@@ -23,6 +23,8 @@ generator seeded by that seed alone, and the caller's RNG state is left as it wa
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import importlib.util
 import math
@@ -326,23 +328,39 @@ def resolve(spec: str) -> ResolvedScheme:
                       f"or module.path:function / file.py:function for your own")
 
 
+@contextlib.contextmanager
+def _no_autocast():
+    """Autocast off on every device type that has it here: an init is always fp32 (under CPU
+    autocast a cached bf16 copy of each weight would hide LSUV's in-place rescaling)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 def apply_scheme(model: nn.Module, spec: str, seed: int = 0,
                  data: Callable[[int], torch.Tensor] | None = None) -> nn.Module:
     """Initialise ``model`` in place by ``spec`` from the init seed, and return it.
 
     Every layer is first reset to PyTorch's default init, then the scheme is applied with
-    ``model.apply``; all draws come from the global RNG forked and seeded with ``seed``, so the
-    same seed gives bit-identical weights and parameters a scheme leaves untouched are seeded too.
-    Data-dependent schemes (``lsuv``) call ``data(n)`` for ``n`` normalised training images on
-    the model's device (drawn inside the seeded fork, so the batch is seeded too).
+    ``model.apply``; all draws come from the generators of the model's devices, forked and
+    seeded with ``seed`` (no other generator is touched, the caller's state is restored), so
+    the same seed gives bit-identical weights and parameters a scheme leaves untouched are
+    seeded too. The init runs in fp32 outside any autocast, so it never depends on the
+    precision a run trains in. Data-dependent schemes (``lsuv``) call ``data(n)`` for ``n``
+    normalised training images (drawn inside the seeded fork, so the batch is seeded too).
     """
     resolved = resolve(spec)
     if resolved.data_init is not None and data is None:
         raise SchemeError(f"scheme '{resolved.name}' needs training images: "
                           f"apply_scheme(model, '{spec}', data=lambda n: images[:n])")
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=cuda), torch.no_grad():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), _no_autocast():
+        # torch.manual_seed would also (re)seed every CUDA generator, or queue that before
+        # CUDA starts: seed only the generators this init draws from.
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         for module in model.modules():
             if module is not model and hasattr(module, "reset_parameters"):
                 module.reset_parameters()

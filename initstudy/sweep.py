@@ -182,24 +182,31 @@ class Slot:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def gpu_slots(gpus: list[int], jobs_per_gpu: int) -> list[Slot]:
+def _threads(workers: int, cores: int | None) -> dict[str, str]:
+    """Each of ``workers`` processes' share of the host's cores, as torch's thread settings."""
+    threads = str(max(1, (cores or os.cpu_count() or 1) // workers))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def gpu_slots(gpus: list[int], jobs_per_gpu: int, cores: int | None = None) -> list[Slot]:
     """``jobs_per_gpu`` slots per GPU. GPU ids are the ones this process sees; each worker sees
-    only its GPU (as ``cuda:0``) through CUDA_VISIBLE_DEVICES, mapped through ours if it is set."""
+    only its GPU (as ``cuda:0``) through CUDA_VISIBLE_DEVICES, mapped through ours if it is set,
+    and its share of the host's cores for its CPU work (an init's forward passes, say)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = visible.split(",") if visible else None
+    threads = _threads(len(gpus) * jobs_per_gpu, cores)
     slots = []
     for gpu in gpus:
         device_id = physical[gpu] if physical else str(gpu)
         for job in range(jobs_per_gpu):
-            slots.append(Slot(f"gpu{gpu}.{job}", "cuda", {"CUDA_VISIBLE_DEVICES": device_id}))
+            slots.append(Slot(f"gpu{gpu}.{job}", "cuda",
+                              {"CUDA_VISIBLE_DEVICES": device_id} | threads))
     return slots
 
 
 def cpu_slots(workers: int, cores: int | None = None) -> list[Slot]:
     """``workers`` CPU slots sharing the cores: torch threads divided between them."""
-    threads = max(1, (cores or os.cpu_count() or 1) // workers)
-    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
+    env = {"CUDA_VISIBLE_DEVICES": ""} | _threads(workers, cores)
     return [Slot(f"cpu{i}", "cpu", dict(env)) for i in range(workers)]
 
 
@@ -320,6 +327,8 @@ def record_failure(config: RunConfig, error: str, ended_as: str = "failed") -> N
     never started training, or was stopped before it had recorded anything."""
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "error.txt").exists():  # the run's own traceback, where it wrote one
+        (folder / "error.txt").write_text(error + "\n")
     write_json_atomic(folder / "summary.json", {
         "status": ended_as, "run_name": config.run_name, "scheme": config.scheme,
         "seed": config.seed, "dataset": config.dataset, "epochs": config.epochs,

@@ -21,14 +21,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import PACK_FIELDS, RunConfig, environment, resolve_device
 from .data import Dataset, batches, normalise, random_batch
 from .diagnostics import init_diagnostics, snapshot, weight_dynamics
-from .errors import ConfigError, RunFailed
+from .errors import ConfigError, InitStudyError, RunFailed
 from .model import LeNet, LeNetPack, init_layers
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset
 from .tracking import RunFolder, Tracker, WandbMirror, check_wandb_online, wandb_mode
 
-EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than training ones;
-# at 500 the first conv's output is 200 MB per packed run, which bounds the peak memory
+EVAL_BATCH = 500  # images x runs per evaluation pass (a pack of K runs sees 500 // K images
+# each): the first conv's output is 0.4 MB per image per run, so at most 200 MB a pass
 DIAG_SEED = 0  # the init diagnostics batch: the same images for every run of a dataset
 
 
@@ -85,7 +85,7 @@ def evaluate(pack: LeNetPack, images: torch.Tensor, labels: torch.Tensor,
         return [(None, None)] * pack.size
     loss_sum = torch.zeros(pack.size, device=labels.device)
     correct = torch.zeros(pack.size, dtype=torch.long, device=labels.device)
-    for x, y in batches(images, labels, dataset, EVAL_BATCH):
+    for x, y in batches(images, labels, dataset, max(1, EVAL_BATCH // pack.size)):
         logits = pack.eval_logits(x)  # K x B x 10
         targets = y.expand(pack.size, -1)
         loss_sum += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1)
@@ -155,9 +155,8 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     if first.train_subset:
         dataset = dataset.subset_train(first.train_subset, first.subset_seed)
     say(describe(dataset))
-    dataset = dataset.to(device)
     held = device.type == "cpu" and hold_freed_memory()
-    env = environment(device) | {
+    env = _on_device(device, "reading the device's properties", lambda: environment(device)) | {
         "data_source": dataset.source, "data_official": dataset.official,
         "data_sha256": dataset.sha256 or None, "train_images": len(dataset.train_labels),
         "val_images": len(dataset.val_labels), "test_images": len(dataset.test_labels),
@@ -177,14 +176,24 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
         runs.append(run)
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda), numerics(first.precision, device):
-            _fit(runs, dataset, device)
+        with torch.random.fork_rng(devices=cuda):
+            models = init_models(configs, dataset)  # before anything touches the device
+            data, models = _on_device(device, "moving the data and models", lambda: (
+                dataset.to(device), [m.to(device) for m in models]))
+            if first.diag_batch:
+                with numerics("fp32", device):
+                    _diagnose(runs, models, data, first.diag_batch)
+            with numerics(first.precision, device):
+                _fit(runs, data, device, models)
     except BaseException as exc:
         status = "failed" if isinstance(exc, Exception) else "interrupted"  # Ctrl-C, exit
+        message = (str(exc).strip().splitlines() or [""])[0]
         for run in runs:
-            run.summary |= {"status": status, "error": f"{type(exc).__name__}: {exc}"}
+            run.summary |= {"status": status, "error": f"{type(exc).__name__}: {message}"}
             run.folder.write_error(traceback.format_exc())
             run.tracker.summary(run.summary)
+        if isinstance(exc, InitStudyError):  # a device that cannot take the run: one line
+            raise
         if isinstance(exc, Exception):
             where = runs[0].folder.path / "error.txt"
             raise RunFailed(f"run failed: {runs[0].summary['error']} (traceback in "
@@ -208,38 +217,67 @@ def describe(dataset: Dataset) -> str:
             f"{sizes['val']:,} validation / {sizes['test']:,} test images")
 
 
+# The TF32 switches of the matmuls and convs a run uses, in torch's fp32_precision API (the
+# legacy allow_tf32 flags raise once a user has set this one, so they are never touched).
+TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+
+
 @contextlib.contextmanager
 def numerics(precision: str, device: torch.device):
-    """fp32 runs CUDA matmuls and convs in full fp32: PyTorch's own default lets cuDNN convs
-    use TF32, which rounds their inputs to 10 mantissa bits. tf32 allows TF32 in both; bf16
-    runs the forward pass under autocast. The global switches are restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    """fp32 runs CUDA matmuls and convs in full fp32 ("ieee"): PyTorch's own default lets
+    cuDNN convs use TF32, which rounds their inputs to 10 mantissa bits. tf32 allows TF32 in
+    both; bf16 runs the forward pass under autocast. Each switch is restored to exactly what it
+    was ("none", inherit, included)."""
+    saved = [switch.fp32_precision for switch in TF32_SWITCHES]
+    for switch in TF32_SWITCHES:
+        switch.fp32_precision = "tf32" if precision == "tf32" else "ieee"
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for switch, value in zip(TF32_SWITCHES, saved):
+            switch.fp32_precision = value
 
 
-def _fit(runs: list[_Run], data: Dataset, device: torch.device) -> None:
+def init_models(configs: list[RunConfig], data: Dataset) -> list[LeNet]:
+    """Each run's initialised model, made on the CPU in fp32 (``apply_scheme``) from the data
+    held on the CPU, so that a seed gives the same weights whatever device and precision the
+    run then trains with."""
+    if data.train_images.device.type != "cpu":
+        raise ValueError("init_models takes the dataset as held on the CPU")
+
+    def draw(count: int) -> torch.Tensor:  # for data-dependent inits, seeded by apply_scheme
+        return random_batch(data.train_images, data.train_labels, data.name, count)[0]
+
+    return [apply_scheme(LeNet(), c.scheme, seed=c.seed, data=draw) for c in configs]
+
+
+def _on_device(device: torch.device, what: str, step: Callable[[], Any]) -> Any:
+    """Run ``step``; a CUDA failure in it (out of memory, a GPU busy in exclusive mode, no
+    kernels for this GPU in the installed wheel) becomes one ConfigError line."""
+    try:
+        return step()
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if device.type != "cuda" and not isinstance(exc, torch.OutOfMemoryError):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{what} on {device} failed: {type(exc).__name__}: {first}") from exc
+
+
+def _diagnose(runs: list[_Run], models: list[LeNet], data: Dataset, images: int) -> None:
+    """Record each run's init diagnostics on a fixed batch of training images."""
+    x, y = random_batch(data.train_images, data.train_labels, data.name, images,
+                        torch.Generator().manual_seed(DIAG_SEED))
+    for run, model in zip(runs, models):
+        run.tracker.init_diagnostics(init_diagnostics(model, x, y))
+
+
+def _fit(runs: list[_Run], data: Dataset, device: torch.device, models: list[LeNet]) -> None:
     """The training loop over a pack. Losses stay on the device and are read once per
     ``log_every`` steps, so the hot path never waits for the host."""
     started = time.perf_counter()
     first = runs[0].config
     k_runs, n = len(runs), len(data.train_labels)
-
-    def draw(count: int) -> torch.Tensor:  # for data-dependent inits, seeded by apply_scheme
-        return random_batch(data.train_images, data.train_labels, data.name, count)[0].cpu()
-
-    # Init on the CPU, so a seed gives the same weights on every device.
-    models = [apply_scheme(LeNet(), r.config.scheme, seed=r.config.seed, data=draw).to(device)
-              for r in runs]
-    if first.diag_batch:
-        x, y = random_batch(data.train_images, data.train_labels, data.name, first.diag_batch,
-                            torch.Generator().manual_seed(DIAG_SEED))
-        for run, model in zip(runs, models):
-            run.tracker.init_diagnostics(init_diagnostics(model, x, y))
     pack = LeNetPack(models, compile=first.compile)
     layers = [name for name, _ in init_layers(models[0])]
     for run in runs:

@@ -176,19 +176,21 @@ def peak_rss_mb(dataset: str, data_dir: str | None, device: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def study(path: Path, runs: int, data_dir: str | None) -> dict:
-    """Run the study ``path`` (of ``runs`` runs) as one pack (``initstudy sweep``: on the first
-    GPU, else the CPU) into a temporary folder: the whole time in seconds, processes and data
-    loading included, and the median per-run images/s of its runs."""
+def study(path: Path, runs: int, data_dir: str | None, device: torch.device) -> dict:
+    """Run the study ``path`` (of ``runs`` runs) as one pack (``initstudy sweep``) on
+    ``device``, the device every other number is measured on, into a temporary folder: the
+    whole time in seconds, processes and data loading included, and the median per-run
+    images/s of its runs."""
+    gpus = str(device.index or 0) if device.type == "cuda" else "none"
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "initstudy.cli", "sweep", str(path), "--out", tmp,
-                   "--pack", str(runs), "--wandb", "disabled"]
+                   "--pack", str(runs), "--wandb", "disabled", "--gpus", gpus]
         start = time.perf_counter()
         subprocess.run(command + (["--data-dir", data_dir] if data_dir else []), check=True)
         seconds = time.perf_counter() - start
         rates = [json.loads(f.read_text())["images_per_second"]
                  for f in Path(tmp).glob("**/summary.json")]
-    return {"study": str(path), "runs": runs, "seconds": seconds,
+    return {"study": str(path), "device": str(device), "runs": runs, "seconds": seconds,
             "images_per_second_per_run": statistics.median(rates)}
 
 
@@ -237,7 +239,7 @@ def main() -> None:
                                                 / results["ceiling_gflops"])
     results["peak_rss_mb"] = peak_rss_mb(args.dataset, args.data_dir, str(device))
     if args.study:
-        results["study"] = study(args.study, study_runs, args.data_dir)
+        results["study"] = study(args.study, study_runs, args.data_dir, device)
         r = results["study"]
         r["fraction_of_ceiling"] = (r["images_per_second_per_run"] * r["runs"] * flops / 1e9
                                     / results["ceiling_gflops"])

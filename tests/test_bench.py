@@ -16,7 +16,7 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH), "--dataset", "mnist", "--data-dir", str(tiny_data),
          "--images", "192", "--repeats", "1", "--pack", "2", "--json", str(out),
-         "--study", str(study)], capture_output=True, text=True, timeout=300)
+         "--study", str(study), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
     assert numbers["device"] == "cpu" and numbers["dataset"] == "mnist"
@@ -34,6 +34,7 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
                                         / numbers["baseline"]["images_per_second"])
     assert 100 < numbers["peak_rss_mb"] < 1500
     assert numbers["study"]["runs"] == 4 and numbers["study"]["seconds"] > 0
+    assert numbers["study"]["device"] == "cpu"  # on the device named, even on a GPU host
     assert numbers["study"]["images_per_second_per_run"] > 0
     for line in ("x baseline", "packed x2", "ceiling", "peak RSS", "study "):
         assert line in result.stdout, line

@@ -82,3 +82,24 @@ def test_pack_forward_equals_each_model():
         assert torch.allclose(pack.eval_logits(x[0])[k], model.logits(x[0]), atol=1e-5)
         for a, b in zip(pack.model(k).state_dict().values(), model.state_dict().values()):
             assert torch.equal(a, b)
+
+
+def test_pack_evaluation_memory_is_bounded(monkeypatch):
+    """A pass of a pack's evaluation holds at most EVAL_BATCH images x runs, whatever K."""
+    import initstudy.training as training
+
+    sizes = []
+    real = training.batches
+
+    def spy(images, labels, dataset, batch_size, generator=None):
+        sizes.append(batch_size)
+        return real(images, labels, dataset, batch_size, generator)
+
+    monkeypatch.setattr(training, "batches", spy)
+    images = torch.randint(0, 255, (130, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(130) % 10
+    for k in (1, 4, 35):
+        pack = LeNetPack([apply_scheme(LeNet(), "xavier", seed=s) for s in range(k)])
+        results = training.evaluate(pack, images, labels, "mnist")
+        assert len(results) == k and all(0 <= acc <= 1 for _, acc in results)
+        assert sizes[-1] * k <= training.EVAL_BATCH and sizes[-1] == training.EVAL_BATCH // k

@@ -292,3 +292,20 @@ def test_weight_panels_keep_the_init_scale_when_the_final_weights_blow_up():
     fig2, ax2 = plt.subplots()
     assert not _off_scale(ax2, (-1.0, 1.0), (-1.5, 1.5), 0, "x")  # on scale: drawn as is
     plt.close("all")
+
+
+def test_a_comparison_that_mixes_device_types_says_so(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        folder = fake_run(root, "default", seed, [0.1, 0.8, 0.9])
+        if seed:
+            config = json.loads((folder / "config.json").read_text())
+            config |= {"device_used": "cuda:0"}
+            config["env"]["device_name"] = "NVIDIA H200"
+            (folder / "config.json").write_text(json.dumps(config))
+    make_report([root], tmp_path / "r")
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "**Mixed devices:** this comparison's runs ran on cpu (cpu), cuda (NVIDIA H200)" in readme
+    fake_run(tmp_path / "same", "default", 0, [0.1, 0.8, 0.9])
+    make_report([tmp_path / "same"], tmp_path / "r2")
+    assert "Mixed devices" not in (tmp_path / "r2" / "README.md").read_text()

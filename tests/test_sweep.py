@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from initstudy import RunConfig
@@ -111,6 +112,34 @@ def test_gpu_slots_pin_each_job_to_its_gpu(monkeypatch):
     assert {s.device for s in slots} == {"cuda"} and len({s.name for s in slots}) == 6
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # ids are ours, mapped through
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpu_slots([0, 1, 3], 1)] == ["4", "5", "7"]
+
+
+def test_gpu_workers_get_their_share_of_the_host_cores(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    slots = gpu_slots([0, 1], jobs_per_gpu=3, cores=16)  # 6 workers on 16 cores
+    assert {(s.env["OMP_NUM_THREADS"], s.env["MKL_NUM_THREADS"]) for s in slots} == {("2", "2")}
+    assert gpu_slots([0], jobs_per_gpu=4, cores=2)[0].env["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_device_failure_before_training_is_a_recorded_failure(tmp_path, tiny_data,
+                                                                monkeypatch):
+    """CUDA out of memory while moving the dataset (simulated on the CPU): the run is
+    'failed' with its error and error.txt, as any crash."""
+    from initstudy.data import Dataset
+    from initstudy.sweep import run_pack
+
+    def no_room(self, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB\nmore")
+
+    monkeypatch.setattr(Dataset, "to", no_room)
+    config = RunConfig(scheme="xavier", data_dir=str(tiny_data), epochs=1, device="cpu",
+                       quiet=True, out=str(tmp_path / "run"))
+    assert run_pack([config]) == ["failed"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == (
+        "moving the data and models on cpu failed: OutOfMemoryError: CUDA out of memory. "
+        "Tried to allocate 7.00 GiB")
+    assert "OutOfMemoryError" in (tmp_path / "run" / "error.txt").read_text()
 
 
 def test_cpu_slots_divide_the_threads():

@@ -34,8 +34,11 @@ def test_run_folder_contents(tiny_data, tmp_path):
     assert saved["device_used"] == "cpu" and saved["loss"] == "ce"
     assert saved["scheme_params"] == {"a": 0.0, "mode": "fan_in", "nonlinearity": "relu",
                                       "bias": "zeros"}
-    for key in ("torch", "torchvision", "python", "git_commit", "hostname", "device_name"):
+    for key in ("torch", "torchvision", "python", "git_commit", "hostname", "device_name",
+                "compute_capability", "cudnn", "cudnn_benchmark", "cudnn_deterministic",
+                "deterministic_algorithms"):
         assert key in saved["env"]
+    assert saved["env"]["cudnn_benchmark"] is False and saved["env"]["compute_capability"] is None
     assert RunConfig.from_dict(saved).run_name == "kaiming-s0"
 
     records = read_jsonl(folder / "metrics.jsonl")
@@ -178,16 +181,44 @@ def test_precision_and_compile_options_are_recorded(tiny_data, tmp_path):
             train(tiny(tiny_data, tmp_path, precision="tf32"))
 
 
-@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("bf16", False)])
-def test_fp32_turns_off_the_tf32_pytorch_allows_cudnn_by_default(precision, tf32):
-    from initstudy.training import numerics
-
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+NUMERICS = """
+import sys, torch
+from initstudy.training import TF32_SWITCHES, numerics
+setup = sys.argv[1]
+if setup == "new-api":
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+elif setup == "matmul-precision":
+    torch.set_float32_matmul_precision("medium")
+def matmul_precision():  # the legacy getter, which raises once the new API was used directly
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "unreadable"
+before = [s.fp32_precision for s in TF32_SWITCHES]
+matmul_before = matmul_precision()
+for precision, inside in (("fp32", "ieee"), ("tf32", "tf32"), ("bf16", "ieee")):
     with numerics(precision, torch.device("cpu")):  # the switches are global, not per device
-        assert torch.backends.cuda.matmul.allow_tf32 is tf32
-        assert torch.backends.cudnn.allow_tf32 is tf32
+        assert [s.fp32_precision for s in TF32_SWITCHES] == [inside, inside], precision
         assert torch.is_autocast_enabled("cpu") is (precision == "bf16")
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert [s.fp32_precision for s in TF32_SWITCHES] == before, (precision, before)
+    assert matmul_precision() == matmul_before
+print(before, matmul_before)
+"""
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ("default", "['none', 'tf32'] highest"),  # torch's own default lets cuDNN convs use TF32
+    ("new-api", "['tf32', 'tf32'] unreadable"),  # the user set the fp32_precision API
+    ("matmul-precision", "['tf32', 'tf32'] medium"),  # torch.set_float32_matmul_precision
+])
+def test_precision_switches_restore_exactly_what_they_found(setup, expected):
+    """fp32 is full fp32 (TF32 off), tf32 turns it on, bf16 autocasts; each starting state is
+    restored as it was, and nothing mixes the legacy and the new TF32 API (which raises). In a
+    fresh process each: these switches are global and sticky."""
+    result = subprocess.run([sys.executable, "-c", NUMERICS, setup], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
 
 
 FAULTS = """
@@ -225,3 +256,65 @@ def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
     (run / "notes.txt").write_text("mine")
     RunFolder(run)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_init_is_fp32_outside_autocast_and_from_cpu_data(tiny_data, tmp_path):
+    """LSUV under CPU bf16 autocast used to rescale a cached bf16 copy of each weight: the same
+    variance measured ten times and weights orders of magnitude off. The init is now the same
+    bit for bit whatever the precision around it, and is made from data held on the CPU."""
+    from initstudy.sources import load_dataset
+    from initstudy.training import init_models, numerics
+
+    data = load_dataset("mnist", data_dir=str(tiny_data)).split_validation(None)
+    configs = [RunConfig(scheme="lsuv:batch=64", seed=3), RunConfig(scheme="kaiming", seed=1)]
+    plain = init_models(configs, data)
+    with numerics("bf16", torch.device("cpu")):
+        autocast = init_models(configs, data)
+    for a, b in zip(plain, autocast):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    with pytest.raises(ValueError, match="held on the CPU"):
+        init_models(configs, data.to(torch.device("meta")))
+    # The trainer: the same weights at init (epoch 0) for an fp32 and a bf16 run.
+    fp32, bf16 = (train(tiny(tiny_data, tmp_path, scheme="lsuv:batch=64", epochs=1,
+                             precision=p, out=str(tmp_path / p))) for p in ("fp32", "bf16"))
+    at_init = lambda p: [r for r in read_jsonl(tmp_path / p / "histograms.jsonl")
+                         if r["epoch"] == 0]
+    assert at_init("fp32") == at_init("bf16")
+
+
+def test_apply_scheme_seeds_no_cuda_generator(monkeypatch):
+    """torch.manual_seed reseeds every CUDA generator (or queues that before CUDA starts): the
+    init must leave them alone, as its docstring promises."""
+    from initstudy import LeNet, apply_scheme
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    models = LeNet(), LeNet()  # building one draws from the global RNG; apply_scheme must not
+    queued = len(torch.cuda._queued_calls)
+    state = torch.random.get_rng_state()
+    a, b = (apply_scheme(m, "xavier", seed=5) for m in models)
+    assert calls == [] and len(torch.cuda._queued_calls) == queued
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's CPU RNG too
+    assert torch.equal(a.features[0].weight, b.features[0].weight)
+
+
+def test_a_device_failure_is_one_line_and_recorded(tiny_data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from initstudy.cli import app
+    from initstudy.data import Dataset
+
+    def no_room(self, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB\nmore")
+
+    monkeypatch.setattr(Dataset, "to", no_room)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--data-dir", str(tiny_data), "--device", "cpu",
+                                      "--out", str(out), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr == ("error: moving the data and models on cpu failed: "
+                             "OutOfMemoryError: CUDA out of memory. Tried to allocate 7.00 GiB\n")
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+    assert "OutOfMemoryError" in (out / "error.txt").read_text()
