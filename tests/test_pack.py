@@ -21,10 +21,8 @@ def configs(tiny_data, root, **overrides):
             RunConfig(scheme="orthogonal", seed=2, out=str(root / "c"), **common)]
 
 
-def close(a, b, rel=1e-3):
-    """Equal up to float rounding: alone, a run's convolutions run channels-last; packed, as
-    one grouped convolution. The two round differently, and training amplifies it a little
-    (seen: 5e-6 to 3e-4 relative after two epochs)."""
+def close(a, b, rel):
+    """Equal up to ``rel``, recursively over dicts; other values exactly."""
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
     if isinstance(a, float) and isinstance(b, float):
@@ -32,16 +30,50 @@ def close(a, b, rel=1e-3):
     return a == b
 
 
-def test_packed_runs_match_solo_runs(tiny_data, tmp_path):
+def test_a_packed_step_computes_each_runs_own_gradients():
+    """The contract, tightly: one step of a pack gives each model the loss and the gradients
+    it gets alone. Alone, a run's convolutions run channels-last; packed, as one grouped
+    convolution: the same sums in another order, so equal to float32 rounding on any CPU."""
+    models = [apply_scheme(LeNet(), s, seed=i) for i, s in enumerate(("kaiming", "xavier",
+                                                                      "orthogonal"))]
+    x = torch.randn(3, 16, 1, 28, 28)
+    y = torch.randint(0, 10, (3, 16))
+    masks = (torch.rand(3, 16, 84) > 0.1).float() / 0.9
+
+    def step(pack, xs, ys, ms):
+        logits = pack.logits(xs, ms)
+        losses = torch.stack([torch.nn.functional.cross_entropy(l, t) for l, t in
+                              zip(logits, ys)])
+        losses.sum().backward()
+        return losses.detach(), {n: p.grad for n, p in pack.params.items()}
+
+    packed_losses, packed_grads = step(LeNetPack(models), x, y, masks)
+    for k, model in enumerate(models):
+        loss, grads = step(LeNetPack([model]), x[k:k + 1], y[k:k + 1], masks[k:k + 1])
+        assert torch.allclose(packed_losses[k], loss[0], rtol=1e-5)
+        for name, grad in grads.items():
+            assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-4, atol=1e-6), name
+
+
+def test_packed_runs_record_what_solo_runs_do(tiny_data, tmp_path):
+    """End to end: the same records, steps, init and data order; the first logged loss (3
+    steps in) equal to float rounding. Later numbers drift apart as training amplifies the
+    rounding (seen: 2e-3 relative after two epochs on an AVX2 CPU, 3e-4 with AVX-512), so
+    they are held to 5%: what packing must not change is the run, not its last bits."""
     packed = train_pack(configs(tiny_data, tmp_path / "packed"))
     solo = [train(c) for c in configs(tiny_data, tmp_path / "solo")]
     for p, s, name in zip(packed, solo, "abc"):
-        assert p["status"] == s["status"]
-        for key in ("test/acc", "test/loss", "best/test/acc", "train/loss"):
-            assert close(p[key], s[key]), (name, key)
+        assert p["status"] == s["status"] and p["steps"] == s["steps"]
+        for key in ("test/acc", "test/loss", "val/acc", "train/loss"):
+            assert close(p[key], s[key], 5e-2), (name, key)
         pm = read_jsonl(tmp_path / "packed" / name / "metrics.jsonl")
         sm = read_jsonl(tmp_path / "solo" / name / "metrics.jsonl")
-        assert len(pm) == len(sm) and all(close(x, y) for x, y in zip(pm, sm)), name
+        assert [sorted(r) for r in pm] == [sorted(r) for r in sm], name
+        assert [(r.get("epoch"), r["step"]) for r in pm] == [(r.get("epoch"), r["step"])
+                                                             for r in sm]
+        first = next(i for i, r in enumerate(pm) if "epoch" not in r)
+        assert close(pm[first]["train/loss"], sm[first]["train/loss"], 1e-4), name
+        assert pm[0] == sm[0] or close(pm[0], sm[0], 1e-5)  # at init: evaluation only
         pd = json.loads((tmp_path / "packed" / name / "init_diagnostics.json").read_text())
         sd = json.loads((tmp_path / "solo" / name / "init_diagnostics.json").read_text())
         assert pd == sd  # the same init, bit for bit
@@ -61,7 +93,8 @@ def test_a_diverging_run_does_not_disturb_its_pack(tiny_data, tmp_path):
     packed = train_pack([good, bad])
     alone = train(RunConfig(**{**good.__dict__, "out": str(tmp_path / "alone")}))
     assert packed[1]["status"] == "diverged"
-    assert packed[0]["status"] == "ok" and close(packed[0]["test/loss"], alone["test/loss"])
+    assert packed[0]["status"] == "ok"
+    assert close(packed[0]["test/loss"], alone["test/loss"], 1e-3)  # zeros: only a bias moves
 
 
 def test_pack_members_must_differ_only_in_scheme_and_seeds(tiny_data, tmp_path):
