@@ -1,10 +1,19 @@
-"""initstudy: how weight initialisation changes the training of the seed document's LeNet."""
+"""initstudy: how weight initialisation changes the training of the seed document's LeNet.
 
-__version__ = "0.1.0"
+The names below load on first use, so that reading results (``initstudy.report``) does not
+import torch.
+"""
 
-from .config import RunConfig
-from .model import LeNet
-from .schemes import SCHEMES, apply_scheme
-from .training import train
+from ._version import __version__
 
-__all__ = ["LeNet", "apply_scheme", "RunConfig", "train", "SCHEMES", "__version__"]
+_EXPORTS = {"RunConfig": "config", "LeNet": "model", "SCHEMES": "schemes",
+            "apply_scheme": "schemes", "train": "training"}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'initstudy' has no attribute '{name}'")

@@ -20,8 +20,10 @@ from .report import make_report
 from .errors import InitStudyError
 from .schemes import DEFAULT_SCHEMES, SCHEMES, apply_scheme
 from .sources import fetch_dataset, import_pickle, inventory
-from .sweep import load_study, plan, plan_table, sweep, visible_gpus
-from .tracking import check_wandb_online, wandb_mode, write_json_atomic
+from .study import load_study, plan
+from .sweep import plan_table, sweep, visible_gpus
+from .runfolder import FINISHED, write_json_atomic
+from .tracking import check_wandb_online, wandb_mode
 from .training import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -253,7 +255,7 @@ def sweep_command(
                    slurm=dict(partition=partition, gpus_per_task=gpus_per_task, time_min=time,
                               mem=mem, runs_per_task=runs_per_task,
                               cpus_per_task=cpus_per_task))
-    not_done = sum(n for st, n in counts.items() if st not in ("ok", "diverged"))
+    not_done = sum(n for st, n in counts.items() if st not in FINISHED)
     if not_done:
         typer.echo(f"{not_done} run(s) failed or unfinished: see their summary.json and "
                    f"error.txt; rerun to resume" + ("" if retry_failed else

@@ -21,8 +21,6 @@ from typing import Iterator
 import torch
 
 from .errors import DataError
-
-DATASETS = ("mnist", "fashion-mnist", "mnist-sample")
 FILES = {  # torchvision's raw file names, without the optional .gz
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",

@@ -4,13 +4,17 @@ al. (2015), measured on a freshly initialised model and during training."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+import math
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import LeNet, init_layers
+from .runfolder import HISTOGRAM_BINS
+
+DIAG_SEED = 0  # the init diagnostics batch: the same images for every run of a dataset
 
 
 def init_diagnostics(model: LeNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -109,7 +113,6 @@ def inspect_scheme(spec: str, seed: int = 0, dataset: str = "mnist", data_dir: s
     from .data import random_batch
     from .sources import load_dataset
     from .schemes import apply_scheme
-    from .training import DIAG_SEED
 
     data = load_dataset(dataset, data_dir).split_validation(None)  # a default run's train set
     draw = lambda n: random_batch(data.train_images, data.train_labels, data.name, n)[0]
@@ -117,3 +120,37 @@ def inspect_scheme(spec: str, seed: int = 0, dataset: str = "mnist", data_dir: s
     x, y = random_batch(data.train_images, data.train_labels, data.name, batch,
                         torch.Generator().manual_seed(DIAG_SEED))
     return init_diagnostics(model, x, y) | {"scheme": spec, "dataset": data.name}, model
+
+
+def histogram(name: str, param: str, values: torch.Tensor) -> dict[str, Any]:
+    """A histogram record of one tensor over its finite values (see the module docstring)."""
+    flat = values.detach().float().flatten().cpu()
+    finite = flat[torch.isfinite(flat)]
+    record: dict[str, Any] = {"layer": name, "param": param, "count": flat.numel(),
+                              "nonfinite": flat.numel() - finite.numel()}
+    if finite.numel() == 0:
+        return record | {"mean": None, "std": None, "min": None, "max": None,
+                         "edges": [], "counts": []}
+    lo, hi = finite.min().item(), finite.max().item()
+    if lo == hi:  # a constant tensor: one bin centred on it, as numpy does
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = torch.histogram(finite, bins=HISTOGRAM_BINS, range=(lo, hi))
+    if param == "bias":  # few enough to keep: the note plots biases value by value
+        record["values"] = [v if math.isfinite(v) else None for v in flat.tolist()]
+    return record | {
+        "mean": finite.mean().item(),
+        "std": finite.std().item() if finite.numel() > 1 else 0.0,
+        "min": finite.min().item(), "max": finite.max().item(),
+        "edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
+    }
+
+
+def layer_histograms(layers: Iterable[tuple[str, torch.nn.Module]]) -> list[dict[str, Any]]:
+    """Histogram records of every weight and bias of the given (name, layer) pairs."""
+    records = []
+    for name, layer in layers:
+        for param in ("weight", "bias"):
+            tensor = getattr(layer, param, None)
+            if tensor is not None:
+                records.append(histogram(name, param, tensor))
+    return records

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import check_tune
+from .figures import figures, split_name
 from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
 from .results import Comparison, Run, comparisons, load_runs, study_tune
 from .stats import (BOOTSTRAP_RESAMPLES, bootstrap_ci, bootstrap_diff_ci, holm, prob_beats,
@@ -152,165 +153,6 @@ def compare(comparison: Comparison, baseline: str = "default",
         for s, adjusted in zip(others, holm([s.welch for s in others])):
             s.welch_holm = adjusted
     return Analysis(comparison, selections, stats, target, split)
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _layers(runs: list[Run]) -> list[str]:
-    for run in runs:
-        names = [k.split("/", 1)[1] for k in (run.epochs[0] if run.epochs else {})
-                 if k.startswith("weight_std/")]
-        if names:
-            return names
-    return []
-
-
-def _steps_per_epoch(run: Run) -> int | None:
-    images = (run.config.get("env") or {}).get("train_images")
-    return -(-images // run.config["batch_size"]) if images and run.config.get("batch_size") \
-        else None
-
-
-def _divergences(groups: dict[str, list[Run]], x_of, y_of) -> dict[str, list[tuple]]:
-    """Where each diverged run stopped, as (x, y) points for the curve figures."""
-    marks: dict[str, list[tuple]] = {}
-    for scheme, runs in groups.items():
-        for run in runs:
-            step = run.summary.get("diverged_step")
-            if run.status == "diverged" and step:
-                point = (x_of(run, step), y_of(run))
-                if None not in point:
-                    marks.setdefault(scheme, []).append(point)
-    return marks
-
-
-def _split_name(analysis: Analysis, split: str) -> str:
-    n = analysis.comparison.key.get(f"{split}_images")
-    name = "validation" if split == "val" else "test"
-    return f"{name} split, {n:,} images" if n else f"{name} split"
-
-
-def figures(analysis: Analysis, folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
-    """Draw every figure of one comparison into ``folder``; returns (caption, path) pairs."""
-    from . import plots
-
-    folder.mkdir(parents=True, exist_ok=True)
-    groups = {sel.scheme: sel.runs for sel in analysis.selections}
-    runs = [r for rs in groups.values() for r in rs]
-    layers = _layers(runs)
-    at = " (each scheme at its chosen setting)" if analysis.comparison.tuned else ""
-    made = []
-
-    def add(caption: str, path: Path | None) -> None:
-        if path is not None:
-            made.append((caption, path))
-
-    if analysis.comparison.tuned:
-        option = analysis.comparison.tuned[0]
-        add(f"Sensitivity: final validation accuracy ({_split_name(analysis, 'val')}) against "
-            f"{option}; mean over seeds with its 95% bootstrap band; a cross marks a setting "
-            f"where a seed diverged, a ring the setting chosen.",
-            plots.sensitivity(_sensitivity_lines(analysis), option,
-                              folder / f"{prefix}sensitivity.png",
-                              logx=all(isinstance(v, (int, float)) and v > 0 for sel in
-                                       analysis.selections for s in sel.settings
-                                       for v in s.values[:1])))
-    last_loss = lambda run: next((r["train/loss"] for r in reversed(run.steps)
-                                  if r.get("train/loss") is not None), None)
-    add("Train loss (training split) against step: mean over seeds, band = ±1 std; × where a "
-        f"run diverged{at}.",
-        plots.mean_curves({s: [[(r["step"], r["train/loss"]) for r in run.steps] for run in rs]
-                           for s, rs in groups.items()}, folder / f"{prefix}train_loss.png",
-                          "train loss (cross-entropy, log scale)", "step (batches)",
-                          "train loss", logy=True,
-                          marks=_divergences(groups, lambda run, step: step, last_loss)))
-    for split in ("val", "test") if analysis.split == "val" else ("test",):
-        epoch_of = lambda run, step: step / _steps_per_epoch(run) if _steps_per_epoch(run) \
-            else None
-        acc_at_end = lambda run: 100 * run.final(split) if run.final(split) is not None else None
-        add(f"Accuracy on the {_split_name(analysis, split)} against epoch (epoch 0 = at init): "
-            f"mean over seeds, band = ±1 std; × where a run diverged (its accuracy there){at}.",
-            plots.mean_curves({s: [[(r["epoch"], 100 * r[f"{split}/acc"]) for r in run.epochs
-                                    if r.get(f"{split}/acc") is not None] for run in rs]
-                               for s, rs in groups.items()}, folder / f"{prefix}{split}_acc.png",
-                              f"{'validation' if split == 'val' else 'test'} accuracy", "epoch",
-                              f"{split} accuracy (%)",
-                              marks=_divergences(groups, epoch_of, acc_at_end)))
-    add(f"Final accuracy on the {_split_name(analysis, 'test')} of every run (dots) and the "
-        f"mean with its 95% bootstrap interval over seeds (diamond and bar){at}.",
-        plots.final_accuracy({s.scheme: s.accs for s in analysis.stats},
-                             {s.scheme: s.acc_ci for s in analysis.stats},
-                             folder / f"{prefix}final_acc.png",
-                             "final test accuracy per run"))
-    if layers:
-        add(f"Per-layer weight std over epochs (mean over seeds){at}.",
-            plots.per_layer_lines(_epoch_series(groups, "weight_std", layers), layers,
-                                  folder / f"{prefix}weight_std.png", "weight std per layer",
-                                  "weight std"))
-        add(f"Relative update per epoch, ||W_end - W_start|| / ||W_start|| (mean over seeds){at}.",
-            plots.per_layer_lines(_epoch_series(groups, "rel_update", layers), layers,
-                                  folder / f"{prefix}rel_update.png",
-                                  "relative weight update per epoch", "relative update"))
-        hists = _first_seed_histograms(groups, layers)
-        add("Weight histograms (30 bins, as the note's plt.hist) per layer and scheme, at init "
-            "(grey) and after training (blue; where it left the init's scale, as in a diverged "
-            f"run, its range is written in the panel); first seed of each scheme{at}.",
-            plots.histogram_grid({s: h["weight"] for s, h in hists.items()}, layers,
-                                 folder / f"{prefix}weight_hist.png",
-                                 "weights at init and after training"))
-        add("Biases value by output unit (as the note's plt.plot), at init (grey) and after "
-            f"training (blue); first seed of each scheme{at}.",
-            plots.bias_grid({s: h["bias"] for s, h in hists.items()}, layers,
-                            folder / f"{prefix}biases.png", "biases at init and after training"))
-    profiles = _depth_profiles(groups)
-    if profiles:
-        add("Signal propagation at init: the forward and backward std per layer "
-            "(init_diagnostics.json, training images, mean over seeds).",
-            plots.depth_profile(profiles, layers, folder / f"{prefix}init_signal.png"))
-    return made
-
-
-def _sensitivity_lines(analysis: Analysis) -> dict[str, list[dict[str, Any]]]:
-    return {sel.scheme: [{"x": s.values[0], "mean": 100 * s.val_mean,
-                          "lo": 100 * s.val_ci[0], "hi": 100 * s.val_ci[1],
-                          "diverged": s.diverged, "n": len(s.runs), "chosen": s is sel.best}
-                         for s in sel.settings] for sel in analysis.selections}
-
-
-def _epoch_series(groups: dict[str, list[Run]], kind: str, layers: list[str]):
-    first = 1 if kind == "rel_update" else 0  # nothing has moved at init
-    return {scheme: {layer: [[(r["epoch"], r.get(f"{kind}/{layer}")) for r in run.epochs
-                              if r.get(f"{kind}/{layer}") is not None and r["epoch"] >= first]
-                             for run in runs]
-                     for layer in layers}
-            for scheme, runs in groups.items()}
-
-
-def _first_seed_histograms(groups: dict[str, list[Run]], layers: list[str]):
-    result = {}
-    for scheme, runs in groups.items():
-        run = min(runs, key=lambda r: r.config["seed"])
-        records = run.histograms()
-        last = max((r["epoch"] for r in records), default=0)
-        pick = lambda layer, param, epoch: next(
-            (r for r in records if (r["layer"], r["param"], r["epoch"]) == (layer, param, epoch)),
-            None)
-        result[scheme] = {param: {layer: (pick(layer, param, 0), pick(layer, param, last))
-                                  for layer in layers} for param in ("weight", "bias")}
-    return result
-
-
-def _depth_profiles(groups: dict[str, list[Run]]) -> dict[str, dict[str, list[float]]]:
-    profiles = {}
-    for scheme, runs in groups.items():
-        reports = [d for d in (r.diagnostics() for r in runs) if d]
-        if reports:
-            profiles[scheme] = {key: [statistics.mean(rep["layers"][i][key] for rep in reports)
-                                      for i in range(len(reports[0]["layers"]))]
-                                for key in ("out_std", "grad_out_std")}
-    return profiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,9 +302,9 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
         sections += tuning_tables(analysis)
     sections += [
         Section("h3", "Per scheme" + (" at its chosen setting" if comparison.tuned else "")),
-        Section("table", f"val acc: final accuracy on the {_split_name(analysis, 'val')} ('-': "
+        Section("table", f"val acc: final accuracy on the {split_name(analysis, 'val')} ('-': "
                 f"no validation split); test "
-                f"acc: final accuracy on the {_split_name(analysis, 'test')} (mean, std, 95% "
+                f"acc: final accuracy on the {split_name(analysis, 'test')} (mean, std, 95% "
                 f"bootstrap interval, median and best over seeds). `epochs to "
                 f"{pct(analysis.target)}% {analysis.split}`: mean first epoch at which the "
                 f"{split} accuracy reaches the target ("

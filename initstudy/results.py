@@ -17,9 +17,8 @@ from typing import Any
 
 from .config import RESULT_FIELDS
 from .errors import InitStudyError
-from .tracking import read_jsonl
+from .runfolder import FINISHED, read_jsonl
 
-FINISHED = ("ok", "diverged")
 SPLITS = ("train_images", "val_images", "test_images")  # recorded in config.json's env
 
 

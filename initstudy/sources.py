@@ -39,7 +39,8 @@ from typing import Callable
 
 import numpy as np
 
-from .data import DATASETS, FILES, Dataset, find_file, idx_bytes, mnist_sample, read_idx_folder
+from .config import DATASETS
+from .data import FILES, Dataset, find_file, idx_bytes, mnist_sample, read_idx_folder
 from .errors import DataError
 
 FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}

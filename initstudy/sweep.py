@@ -1,19 +1,10 @@
-"""Studies: a grid of runs from a TOML file, scheduled over GPUs, CPU workers or Slurm.
+"""Running a study: every unfinished run, each in a fresh worker process on a free slot (a GPU,
+a share of the CPU cores) or as a Slurm job array, with a progress display.
 
-A study file names the study, the schemes (spec strings), the seeds (a count or a list) and any
-run option by its ``RunConfig`` field name; a list value on an option is an axis of the grid.
-``[[grid]]`` tables, when present, are grids of their own that share the top-level options
-(each scheme its own range of learning rates, say); the study is all of them. ``tune`` names
-the options a report tunes per scheme (``report --tune``). Every scheme spec and option is
-checked when the file is read, before any run starts.
-Each run lives in ``OUT/<run id>/`` (``RunConfig.run_id``, stable for the same result-deciding
-options), so rerunning a sweep skips what finished (``ok`` or ``diverged``), redoes what died
-(``running``, ``interrupted`` or no folder) and retries ``failed`` runs only when asked.
-
-Local runs each get a fresh worker process (``python -m initstudy.sweep CONFIGS_JSON``), or a
+Local runs each get a fresh worker process (``python -m initstudy.worker CONFIGS_JSON``), or a
 pack of them with ``--pack K`` (trained together, ``train_pack``): a crash, an OOM or a killed
-worker fails that run (or pack) alone. Workers die with the sweep (PR_SET_PDEATHSIG),
-and a lock on ``OUT`` stops two sweeps from writing the same folder.
+worker fails that run (or pack) alone. Workers die with the sweep (PR_SET_PDEATHSIG), and a lock
+on ``OUT`` stops two sweeps from writing the same folder.
 """
 
 from __future__ import annotations
@@ -21,152 +12,22 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
-import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PACK_FIELDS, RunConfig, check_tune
-from .errors import InitStudyError, RunFailed
-from .schemes import resolve
-from .tracking import write_json_atomic
-from .training import train_pack
-
-DONE = ("ok", "diverged")
-# Options a study may not set: each run's folder and the trainer's own records.
-NOT_STUDY_OPTIONS = ("out", "quiet", "group", "dataset_used", "device_used", "scheme_params", "env")
-STUDY_OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
-                      if f.name not in NOT_STUDY_OPTIONS)
-STUDY_KEYS = ("name", "tune", "grid")  # the study's own keys, besides schemes, seeds and options
-
-
-class StudyError(InitStudyError):
-    """A study file that cannot be read or expanded."""
-
-
-@dataclass
-class Study:
-    name: str
-    runs: list[RunConfig]  # planned: ``out`` is set by the sweep
-    source: str = ""  # the study file's text, for provenance
-    tune: list[str] = field(default_factory=list)  # options a report tunes per scheme
-
-
-def load_study(path: Path) -> Study:
-    """Read and expand a study file; StudyError names the file and what is wrong."""
-    try:
-        text = Path(path).read_text()
-        spec = tomllib.loads(text)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise StudyError(f"cannot read study file {path}: {exc}") from None
-    try:
-        return Study(spec.get("name", Path(path).stem), expand(spec), text, tune_options(spec))
-    except StudyError as exc:
-        raise StudyError(f"{path}: {exc}") from None
-
-
-def tune_options(spec: dict[str, Any]) -> list[str]:
-    """A study's ``tune`` list, checked: run options that decide a result."""
-    tune = spec.get("tune", [])
-    try:
-        return check_tune([tune] if isinstance(tune, str) else tune)
-    except InitStudyError as exc:
-        raise StudyError(f"tune: {exc}") from None
-
-
-def expand(spec: dict[str, Any]) -> list[RunConfig]:
-    """The runs of a study spec: each grid (the top level, or each ``[[grid]]`` table over the
-    top-level options) expanded schemes x every list-valued option x seeds, in that order.
-    Every scheme spec and option is checked here, before anything runs."""
-    tune_options(spec)
-    spec = {k: v for k, v in spec.items() if k not in ("name", "tune")}
-    grids = spec.pop("grid", None)
-    if grids is None:
-        runs = _expand_grid(spec)
-    else:
-        if not (isinstance(grids, list) and grids and all(isinstance(g, dict) for g in grids)):
-            raise StudyError("'grid' must be a list of tables ([[grid]] sections)")
-        runs = []
-        for i, grid in enumerate(grids, 1):
-            try:
-                runs += _expand_grid(spec | grid)
-            except StudyError as exc:
-                raise StudyError(f"grid {i}: {exc}") from None
-    ids = [c.run_id for c in runs]
-    if len(set(ids)) != len(ids):
-        raise StudyError("the grid repeats a run (the same options twice in a list)")
-    for spec_text in dict.fromkeys(c.scheme for c in runs):
-        try:
-            resolve(spec_text)
-        except InitStudyError as exc:
-            raise StudyError(str(exc)) from None
-    return runs
-
-
-def _expand_grid(spec: dict[str, Any]) -> list[RunConfig]:
-    spec = dict(spec)
-    for plural, singular in (("schemes", "scheme"), ("seeds", "seed")):
-        if plural in spec:
-            if singular in spec:
-                raise StudyError(f"give '{plural}' or '{singular}', not both")
-            spec[singular] = spec.pop(plural)
-    unknown = sorted(set(spec) - set(STUDY_OPTIONS))
-    if unknown:
-        raise StudyError(f"unknown key(s) {', '.join(unknown)}; a study takes "
-                         f"{', '.join(STUDY_KEYS)}, schemes, seeds and the run options "
-                         f"{', '.join(STUDY_OPTIONS)}")
-    seeds = spec.pop("seed", 1)
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise StudyError(f"seeds = {seeds}: give a count of at least 1 or a list")
-        seeds = list(range(seeds))
-    schemes = spec.pop("scheme", "default")
-    axes = {"scheme": schemes if isinstance(schemes, list) else [schemes]}
-    axes |= {k: v if isinstance(v, list) else [v] for k, v in spec.items()}
-    axes["seed"] = seeds if isinstance(seeds, list) else [seeds]
-    for key, values in axes.items():
-        if not values:
-            raise StudyError(f"'{key}' is an empty list")
-    for key, values in axes.items():
-        default = getattr(RunConfig, key, None)  # the class attribute holds the default
-        for value in values:
-            if default is not None and not (isinstance(value, type(default)) or
-                                            isinstance(default, float) and isinstance(value, int)):
-                raise StudyError(f"'{key}' takes {type(default).__name__} values, got {value!r}")
-    runs = []
-    for values in itertools.product(*axes.values()):
-        config = RunConfig(**dict(zip(axes, values)))
-        try:
-            config.validate()
-        except InitStudyError as exc:
-            raise StudyError(str(exc)) from None
-        runs.append(config)
-    return runs
-
-
-def plan(study: Study, out: Path, **overrides: Any) -> list[RunConfig]:
-    """The study's runs, each with its folder in ``out`` and the sweep-wide options set."""
-    return [dataclasses.replace(c, out=str(out / c.run_id), group=study.name, quiet=True,
-                                **overrides) for c in study.runs]
-
-
-def status(config: RunConfig) -> str:
-    """A planned run's status from its folder: ``pending`` when there is none yet."""
-    return _summary(config).get("status", "pending")
-
-
-def to_do(runs: list[RunConfig], retry_failed: bool) -> list[RunConfig]:
-    """Runs still to run: neither finished nor (unless retrying) failed."""
-    skip = DONE if retry_failed else (*DONE, "failed")
-    return [c for c in runs if status(c) not in skip]
+from .config import RunConfig
+from .runfolder import FINISHED
+from .slurm import submit_slurm, wait_slurm
+from .study import STUDY_OPTIONS, Study, StudyError, _summary, packs, plan, status, to_do
+from .worker import record_failure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,16 +104,6 @@ class OutLock:
                              f"another --out") from None
 
 
-def packs(runs: list[RunConfig], size: int) -> list[list[RunConfig]]:
-    """Runs grouped into packs of at most ``size`` that may train together (equal in all but
-    scheme and seeds), in the runs' order."""
-    groups: dict[str, list[RunConfig]] = {}
-    for config in runs:
-        key = json.dumps([getattr(config, f) for f in PACK_FIELDS])
-        groups.setdefault(key, []).append(config)
-    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
-
-
 def run_local(units: list[list[RunConfig]], slots: list[Slot], report=None) -> None:
     """Run each unit (a run, or a pack of runs trained together) in its own worker process on
     a free slot, until all have ended.
@@ -298,7 +149,7 @@ def _start(unit: list[RunConfig], slot: Slot) -> Worker:
         Path(config.out).mkdir(parents=True, exist_ok=True)
     log = open(Path(unit[0].out) / "worker.log", "w")  # a pack logs in its first run's folder
     process = subprocess.Popen(
-        [sys.executable, "-m", "initstudy.sweep", json.dumps([c.to_dict() for c in unit])],
+        [sys.executable, "-m", "initstudy.worker", json.dumps([c.to_dict() for c in unit])],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env=os.environ | slot.env | {"PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
     log.close()
@@ -314,115 +165,12 @@ def _finish(worker: Worker, ended_as: str = "failed") -> list[str]:
     statuses = []
     for config in worker.configs:
         current = status(config)
-        if current not in (*DONE, "failed", "interrupted"):
+        if current not in (*FINISHED, "failed", "interrupted"):
             record_failure(config, f"worker {why}" + (f": {tail[-1]}" if tail else ""),
                            ended_as)
             current = ended_as
         statuses.append(current)
     return statuses
-
-
-def record_failure(config: RunConfig, error: str, ended_as: str = "failed") -> None:
-    """Mark a run ``failed`` (or ``interrupted``) when its own process could not: it died, or
-    never started training, or was stopped before it had recorded anything."""
-    folder = Path(config.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "error.txt").exists():  # the run's own traceback, where it wrote one
-        (folder / "error.txt").write_text(error + "\n")
-    write_json_atomic(folder / "summary.json", {
-        "status": ended_as, "run_name": config.run_name, "scheme": config.scheme,
-        "seed": config.seed, "dataset": config.dataset, "epochs": config.epochs,
-        "error": error})
-
-
-def run_pack(configs: list[RunConfig]) -> list[str]:
-    """Train planned runs together in this process, recording any failure; their statuses."""
-    try:
-        return [summary["status"] for summary in train_pack(configs)]
-    except RunFailed:
-        return ["failed"] * len(configs)  # train_pack recorded it, traceback included
-    except InitStudyError as exc:  # before training: missing data, bad device...
-        for config in configs:
-            record_failure(config, str(exc))
-        return ["failed"] * len(configs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Slurm
-
-
-class SlurmChunk:
-    """A Slurm task: trains its planned runs in turn (in packs of ``pack``), skipping finished
-    ones. On preemption or timeout submitit calls ``checkpoint`` and requeues the same chunk,
-    which then resumes at the first unfinished run (a half-done run starts over)."""
-
-    def __init__(self, pack: int = 1):
-        self.pack = pack
-
-    def __call__(self, configs: list[dict[str, Any]]) -> None:
-        import torch
-
-        if os.environ.get("SLURM_CPUS_PER_TASK"):  # use what Slurm gave this task, no more
-            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        todo = [dataclasses.replace(RunConfig.from_dict(data), device=device)
-                for data in configs]
-        for unit in packs([c for c in todo if status(c) not in DONE], self.pack):
-            run_pack(unit)
-
-    def checkpoint(self, configs: list[dict[str, Any]]):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, configs)
-
-
-def submit_slurm(runs: list[RunConfig], out: Path, partition: str | None = None,
-                 gpus_per_task: int = 0, time_min: int = 60, mem: str | None = None,
-                 runs_per_task: int = 1, cpus_per_task: int = 1, pack: int = 1) -> list:
-    """Submit ``runs`` as one Slurm job array, ``runs_per_task`` runs per task (trained in
-    packs of ``pack``); return the submitit jobs."""
-    try:
-        import submitit
-    except ImportError:
-        raise StudyError("--backend slurm needs submitit: pip install submitit") from None
-    executor = submitit.SlurmExecutor(folder=out / ".slurm" / "%j", max_num_timeout=5)
-    executor.update_parameters(
-        job_name=f"initstudy-{out.name}", partition=partition, time=time_min, mem=mem,
-        gpus_per_task=gpus_per_task or None, cpus_per_task=cpus_per_task,
-        signal_delay_s=60)
-    chunks = [[c.to_dict() for c in runs[i:i + runs_per_task]]
-              for i in range(0, len(runs), runs_per_task)]
-    try:
-        return executor.map_array(SlurmChunk(pack), chunks)
-    except Exception as exc:  # sbatch missing or refusing: say so in one line
-        raise StudyError(f"Slurm submission failed: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from None
-
-
-def slurm_pending(array_id: str) -> bool:
-    """Whether any task of the job array is still queued or running (requeued ones included).
-    Asks squeue directly: submitit's status calls go through sacct, which a cluster without
-    accounting answers only with warnings."""
-    result = subprocess.run(["squeue", "-h", "-j", array_id, "-o", "%i"], capture_output=True,
-                            text=True)
-    return result.returncode == 0 and bool(result.stdout.strip())
-
-
-def wait_slurm(jobs: list, runs: list[RunConfig], report=None, poll_s: float = 2.0) -> None:
-    """Wait for the job array to leave the queue, reporting runs as their folders change."""
-    report = report or (lambda *args: None)
-    array_ids = sorted({job.job_id.split("_")[0] for job in jobs})
-    seen: dict[str, str] = {}
-    while True:
-        queued = any(slurm_pending(array_id) for array_id in array_ids)
-        for config in runs:
-            current = status(config)
-            if current != seen.get(config.run_id, "pending"):
-                report("end" if current in (*DONE, "failed") else "start", config, current)
-            seen[config.run_id] = current
-        if not queued:
-            return
-        time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,14 +252,6 @@ class SweepProgress:
                                               f"failed {self.failed}")
 
 
-def _summary(config: RunConfig) -> dict[str, Any]:
-    """A planned run's summary.json, or {} when it has none (yet)."""
-    try:
-        return json.loads((Path(config.out) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def plan_table(runs: list[RunConfig]):
     """The runs of a plan with what varies between them and their current status."""
     from rich.table import Table
@@ -541,30 +281,11 @@ def summary_table(runs: list[RunConfig]):
         by_scheme.setdefault(config.scheme, []).append(_summary(config))
     for scheme, summaries in by_scheme.items():
         statuses = [s.get("status", "pending") for s in summaries]
-        accs = [s["test/acc"] for s in summaries if s.get("status") in DONE]
+        accs = [s["test/acc"] for s in summaries if s.get("status") in FINISHED]
         acc = (f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}" if len(accs) > 1
                else f"{accs[0]:.4f}" if accs else "-")
-        not_done = sum(st not in (*DONE, "failed") for st in statuses)
+        not_done = sum(st not in (*FINISHED, "failed") for st in statuses)
         table.add_row(scheme, str(len(statuses)), str(statuses.count("ok")),
                       str(statuses.count("diverged")), str(statuses.count("failed")),
                       str(not_done), acc)
     return table
-
-
-def _worker_main(argv: list[str]) -> int:
-    """``python -m initstudy.sweep CONFIGS_JSON``: one run or pack in a fresh process."""
-    configs = [RunConfig.from_dict(data) for data in json.loads(argv[1])]
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-    try:
-        results = run_pack(configs)
-    except KeyboardInterrupt:
-        return 130
-    return 0 if all(result in DONE for result in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv))

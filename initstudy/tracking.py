@@ -1,162 +1,19 @@
-"""Where a run is recorded: its folder (the source of truth: reports read it) and a wandb mirror.
-
-Layout of ``<run dir>/``:
-
-- ``config.json``: the resolved ``RunConfig`` (``config.RunConfig.to_dict``).
-- ``metrics.jsonl``: one JSON object a line. Step records ``{"step", "train/loss",
-  "grad_norm/<layer>"...}`` every ``log_every`` steps and at each epoch's end (the mean loss
-  since the previous record; each layer's weight-gradient norm at that step); epoch records ``{"epoch",
-  "step", "train/loss", "train/acc", "test/loss", "test/acc", "lr", "weight_std/<layer>"...,
-  "rel_update/<layer>"...}``, epoch 0 being the model at init (its train/* are null: nothing
-  was trained yet). ``rel_update`` is ||W_end - W_start|| / ||W_start|| over the epoch.
-- ``histograms.jsonl``: one line per parameter tensor at init (epoch 0) and after every epoch:
-  ``{"epoch", "step", "layer", "param" ("weight"|"bias"), "count", "nonfinite", "mean",
-  "std", "min", "max", "edges" (31 floats), "counts" (30 ints)}``, 30 bins over the finite
-  values, as the document's ``plt.hist(..., bins=30)``; bias records also hold ``values``,
-  every bias in order (null where not finite), for the document's ``plt.plot`` of biases.
-- ``summary.json``: ``status`` (running | ok | diverged | failed | interrupted) and the final
-  numbers. A run killed outright stays ``running``.
-- ``init_diagnostics.json``: signal propagation at init (see ``diagnostics.init_diagnostics``).
-- ``error.txt``: the traceback of a failed run.
-
-JSON files are replaced atomically (write to a temporary file, fsync, rename), so a killed
-run leaves the previous complete version, never half a file. JSONL records are appended one
-whole line per write and flushed; readers skip a final line cut short by a kill.
-"""
+"""Mirroring a run to Weights & Biases (keys in the README), and the ``Tracker`` through which
+the trainer reports to the run folder and the mirror at once."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from .config import RunConfig
+from .diagnostics import layer_histograms
 from .errors import ConfigError
-
-HISTOGRAM_BINS = 30
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON in one rename, so readers see old or new, never
-    half. Non-finite numbers are written as null, so every JSON reader can read the file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite_or_none(data), f, indent=2, default=str, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file, skipping a last line cut short by a killed writer."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if line.endswith("\n"):  # a complete but invalid line is corruption, not a kill
-                    raise
-    return records
-
-
-def histogram(name: str, param: str, values: torch.Tensor) -> dict[str, Any]:
-    """A histogram record of one tensor over its finite values (see the module docstring)."""
-    flat = values.detach().float().flatten().cpu()
-    finite = flat[torch.isfinite(flat)]
-    record: dict[str, Any] = {"layer": name, "param": param, "count": flat.numel(),
-                              "nonfinite": flat.numel() - finite.numel()}
-    if finite.numel() == 0:
-        return record | {"mean": None, "std": None, "min": None, "max": None,
-                         "edges": [], "counts": []}
-    lo, hi = finite.min().item(), finite.max().item()
-    if lo == hi:  # a constant tensor: one bin centred on it, as numpy does
-        lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = torch.histogram(finite, bins=HISTOGRAM_BINS, range=(lo, hi))
-    if param == "bias":  # few enough to keep: the note plots biases value by value
-        record["values"] = [v if math.isfinite(v) else None for v in flat.tolist()]
-    return record | {
-        "mean": finite.mean().item(),
-        "std": finite.std().item() if finite.numel() > 1 else 0.0,
-        "min": finite.min().item(), "max": finite.max().item(),
-        "edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
-    }
-
-
-def layer_histograms(layers: Iterable[tuple[str, torch.nn.Module]]) -> list[dict[str, Any]]:
-    """Histogram records of every weight and bias of the given (name, layer) pairs."""
-    records = []
-    for name, layer in layers:
-        for param in ("weight", "bias"):
-            tensor = getattr(layer, param, None)
-            if tensor is not None:
-                records.append(histogram(name, param, tensor))
-    return records
-
-
-class RunFolder:
-    """Writes one run's folder (layout in the module docstring)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"cannot write to output folder {self.path}: "
-                              f"{exc.strerror or exc}") from None
-        for name in ("metrics.jsonl", "histograms.jsonl", "error.txt"):
-            (self.path / name).unlink(missing_ok=True)  # a rerun starts a fresh record
-        for partial in self.path.glob(".*.tmp"):  # of a JSON write killed before its rename
-            partial.unlink(missing_ok=True)
-        shutil.rmtree(self.path / "wandb", ignore_errors=True)  # and one wandb run, not two
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        write_json_atomic(self.path / "config.json", config)
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json_atomic(self.path / "summary.json", summary)
-
-    def write_error(self, text: str) -> None:
-        (self.path / "error.txt").write_text(text)
-
-    def _append(self, name: str, records: list[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(_finite_or_none(r)) + "\n" for r in records)
-        with open(self.path / name, "a") as f:
-            f.write(lines)  # one write: a kill loses whole records, not half lines
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        self._append("metrics.jsonl", [record])
-
-    def log_histograms(self, epoch: int, step: int, records: list[dict[str, Any]]) -> None:
-        self._append("histograms.jsonl", [{"epoch": epoch, "step": step} | r for r in records])
-
-
-def _finite_or_none(data: Any) -> Any:
-    """JSON has no NaN or Infinity: store non-finite numbers as null, at any depth."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite_or_none(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite_or_none(v) for v in data]
-    return data
-
+from .runfolder import RunFolder, write_json_atomic
 
 WANDB_MODES = ("offline", "online", "disabled")
 _WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # older WANDB_MODE spellings

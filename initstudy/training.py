@@ -18,18 +18,20 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .config import PACK_FIELDS, RunConfig, environment, resolve_device
+from .config import PACK_FIELDS, RunConfig
+from .environment import environment, resolve_device
 from .data import Dataset, batches, normalise, random_batch
-from .diagnostics import init_diagnostics, snapshot, weight_dynamics
+from .diagnostics import DIAG_SEED, init_diagnostics, snapshot, weight_dynamics
 from .errors import ConfigError, InitStudyError, RunFailed
-from .model import LeNet, LeNetPack, init_layers
+from .model import LeNet, init_layers
+from .pack import LeNetPack
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset
-from .tracking import RunFolder, Tracker, WandbMirror, check_wandb_online, wandb_mode
+from .runfolder import RunFolder
+from .tracking import Tracker, WandbMirror, check_wandb_online, wandb_mode
 
 EVAL_BATCH = 500  # images x runs per evaluation pass (a pack of K runs sees 500 // K images
 # each): the first conv's output is 0.4 MB per image per run, so at most 200 MB a pass
-DIAG_SEED = 0  # the init diagnostics batch: the same images for every run of a dataset
 
 
 HEAP_KEEP = 256 << 20  # bytes of freed memory malloc may keep for reuse; see hold_freed_memory

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from initstudy import LeNet, RunConfig, apply_scheme
-from initstudy.config import resolve_device
+from initstudy.environment import resolve_device
 from initstudy.data import STATS
 from initstudy.sources import load_dataset
 from initstudy.errors import InitStudyError
-from initstudy.sweep import load_study
+from initstudy.study import load_study
 from initstudy.training import numerics, train_pack
 
 MNIST_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "mnist-lenet.toml"

@@ -12,7 +12,7 @@ from initstudy.data import (FILES, VAL_SPLIT_SEED, batches, default_val_size, mn
 from initstudy.sources import load_dataset
 from initstudy.errors import DataError
 
-from conftest import make_digits, write_dataset, write_idx
+from helpers import make_digits, write_dataset, write_idx
 
 
 @pytest.mark.parametrize("gz", [False, True])

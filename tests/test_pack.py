@@ -7,9 +7,10 @@ import torch
 
 from initstudy import RunConfig, train
 from initstudy.errors import ConfigError
-from initstudy.model import LeNet, LeNetPack
+from initstudy.model import LeNet
+from initstudy.pack import LeNetPack
 from initstudy.schemes import apply_scheme
-from initstudy.tracking import read_jsonl
+from initstudy.runfolder import read_jsonl
 from initstudy.training import train_pack
 
 

@@ -4,17 +4,15 @@ Skipped, saying why, where no Slurm cluster answers."""
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from initstudy.sweep import load_study, plan, status
+from initstudy.study import load_study, plan, status
 
-from test_sweep import tiny_study, wait_for
+from helpers import tiny_study, wait_for
 
 
 def slurm_up() -> str | None:

@@ -23,7 +23,7 @@ from initstudy.errors import DataError
 from initstudy.sources import (DEBIAN_FASHION, NoSource, IntegrityError, fetch, load_arrays,
                                load_dataset, rebuild_idx)
 
-from conftest import make_digits, write_dataset
+from helpers import make_digits, write_dataset
 
 runner = CliRunner()
 SMALL = {"train": 30, "valid": 10, "test": 20}  # a tiny mnist.pkl.gz's splits

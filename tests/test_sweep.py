@@ -4,9 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,12 @@ from typer.testing import CliRunner
 
 from initstudy import RunConfig
 from initstudy.cli import app
-from initstudy.sweep import StudyError, cpu_slots, expand, gpu_slots, load_study, plan, status
+from initstudy.study import StudyError, expand, load_study, plan, status
+from initstudy.sweep import cpu_slots, gpu_slots
+
+from helpers import sweep_cmd, tiny_study, wait_for, write_study
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_study(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "study.toml"
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def test_grid_expansion_schemes_axes_and_seeds():
@@ -126,7 +120,7 @@ def test_a_device_failure_before_training_is_a_recorded_failure(tmp_path, tiny_d
     """CUDA out of memory while moving the dataset (simulated on the CPU): the run is
     'failed' with its error and error.txt, as any crash."""
     from initstudy.data import Dataset
-    from initstudy.sweep import run_pack
+    from initstudy.worker import run_pack
 
     def no_room(self, device):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.00 GiB\nmore")
@@ -147,17 +141,6 @@ def test_cpu_slots_divide_the_threads():
     assert len(slots) == 3 and {s.env["OMP_NUM_THREADS"] for s in slots} == {"2"}
     assert all(s.device == "cpu" and s.env["CUDA_VISIBLE_DEVICES"] == "" for s in slots)
     assert cpu_slots(4, cores=2)[0].env["OMP_NUM_THREADS"] == "1"
-
-
-def sweep_cmd(study: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "initstudy.cli", "sweep", str(study), "--out", str(out),
-            "--gpus", "none", "--workers", "2", *extra]
-
-
-def tiny_study(tmp_path, tiny_data, schemes, seeds=2, epochs=1, **extra) -> Path:
-    options = dict(name="tiny", data_dir=str(tiny_data), dataset="mnist", schemes=schemes,
-                   seeds=seeds, epochs=epochs, batch_size=50, lr=0.01, device="cpu") | extra
-    return write_study(tmp_path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items()))
 
 
 def test_real_small_sweep_end_to_end_with_wandb_offline(tmp_path, tiny_data, monkeypatch):
@@ -219,15 +202,6 @@ def workers_of(out: Path) -> list[int]:
     result = subprocess.run(["pgrep", "-f", f"initstudy.sweep .*{out}"], capture_output=True,
                             text=True)
     return [int(p) for p in result.stdout.split()]
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
@@ -308,7 +282,7 @@ def test_packed_sweep_trains_runs_together(tmp_path, tiny_data):
 
 
 def test_packs_group_only_runs_that_may_train_together():
-    from initstudy.sweep import packs
+    from initstudy.study import packs
 
     runs = expand({"schemes": ["default", "xavier", "kaiming"], "seeds": 2, "lr": [0.01, 0.1]})
     units = packs(runs, 4)

@@ -9,7 +9,8 @@ import torch
 
 from initstudy import RunConfig, train
 from initstudy.errors import ConfigError, RunFailed
-from initstudy.tracking import HISTOGRAM_BINS, RunFolder, read_jsonl, write_json_atomic
+from initstudy.runfolder import HISTOGRAM_BINS
+from initstudy.runfolder import RunFolder, read_jsonl, write_json_atomic
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from initstudy import RunConfig, train
 from initstudy.cli import app
 from initstudy.errors import ConfigError
-from initstudy.tracking import read_jsonl, wandb_mode
+from initstudy.runfolder import read_jsonl, wandb_mode
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 WANDB = Path(sys.executable).with_name("wandb")
@@ -51,8 +51,8 @@ def test_offline_run_is_complete_and_organised(tiny_data, tmp_path):
 
     history = [h["item"] for h in records["history"]]
     keys = set().union(*history)
-    for key in ("train/loss", "epoch", "train/loss_epoch", "train/acc", "test/loss",
-                "test/acc", "lr"):
+    for key in ("train/loss", "epoch", "train/loss_epoch", "train/acc", "val/loss", "val/acc",
+                "test/loss", "test/acc", "lr"):
         assert key in keys, key
     for layer in LAYERS:
         assert f"grad_norm/{layer}" in keys
@@ -73,6 +73,7 @@ def test_offline_run_is_complete_and_organised(tiny_data, tmp_path):
     metric_axes = {m.get("name") or m.get("glob_name"): m.get("step_metric")
                    for m in records["metric"]}
     assert metric_axes["test/acc"] == "epoch" and metric_axes["weights/*"] == "epoch"
+    assert metric_axes["val/acc"] == "epoch"
 
     summary = {}
     for update in records["summary"]:
@@ -80,7 +81,8 @@ def test_offline_run_is_complete_and_organised(tiny_data, tmp_path):
     local_summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" == local_summary["status"]
     assert summary["test/acc"] == local_summary["test/acc"]
-    assert summary["best/test/acc"] == local_summary["best/test/acc"]
+    for key in ("val/acc", "best_epoch", "best/val/acc", "best/test/acc"):
+        assert summary[key] == local_summary[key], key
 
 
 def test_diverged_run_is_marked_and_its_histograms_logged(tiny_data, tmp_path):

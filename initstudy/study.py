@@ -1,0 +1,173 @@
+"""Study files: a grid of runs from a TOML file, and where each planned run stands.
+
+A study file names the study, the schemes (spec strings), the seeds (a count or a list) and any
+run option by its ``RunConfig`` field name; a list value on an option is an axis of the grid.
+``[[grid]]`` tables, when present, are grids of their own that share the top-level options
+(each scheme its own range of learning rates, say); the study is all of them. ``tune`` names
+the options a report tunes per scheme (``report --tune``). Every scheme spec and option is
+checked when the file is read, before any run starts.
+
+Each run lives in ``OUT/<run id>/`` (``RunConfig.run_id``, stable for the same result-deciding
+options), so rerunning a sweep skips what finished (``ok`` or ``diverged``), redoes what died
+(``running``, ``interrupted`` or no folder) and retries ``failed`` runs only when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import PACK_FIELDS, RunConfig, check_tune
+from .errors import InitStudyError
+from .runfolder import FINISHED
+from .schemes import resolve
+
+# Options a study may not set: each run's folder and the trainer's own records.
+NOT_STUDY_OPTIONS = ("out", "quiet", "group", "dataset_used", "device_used", "scheme_params", "env")
+STUDY_OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
+                      if f.name not in NOT_STUDY_OPTIONS)
+STUDY_KEYS = ("name", "tune", "grid")  # the study's own keys, besides schemes, seeds and options
+
+
+class StudyError(InitStudyError):
+    """A study file that cannot be read or expanded."""
+
+
+@dataclass
+class Study:
+    name: str
+    runs: list[RunConfig]  # planned: ``out`` is set by the sweep
+    source: str = ""  # the study file's text, for provenance
+    tune: list[str] = field(default_factory=list)  # options a report tunes per scheme
+
+
+def load_study(path: Path) -> Study:
+    """Read and expand a study file; StudyError names the file and what is wrong."""
+    try:
+        text = Path(path).read_text()
+        spec = tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise StudyError(f"cannot read study file {path}: {exc}") from None
+    try:
+        return Study(spec.get("name", Path(path).stem), expand(spec), text, tune_options(spec))
+    except StudyError as exc:
+        raise StudyError(f"{path}: {exc}") from None
+
+
+def tune_options(spec: dict[str, Any]) -> list[str]:
+    """A study's ``tune`` list, checked: run options that decide a result."""
+    tune = spec.get("tune", [])
+    try:
+        return check_tune([tune] if isinstance(tune, str) else tune)
+    except InitStudyError as exc:
+        raise StudyError(f"tune: {exc}") from None
+
+
+def expand(spec: dict[str, Any]) -> list[RunConfig]:
+    """The runs of a study spec: each grid (the top level, or each ``[[grid]]`` table over the
+    top-level options) expanded schemes x every list-valued option x seeds, in that order.
+    Every scheme spec and option is checked here, before anything runs."""
+    tune_options(spec)
+    spec = {k: v for k, v in spec.items() if k not in ("name", "tune")}
+    grids = spec.pop("grid", None)
+    if grids is None:
+        runs = _expand_grid(spec)
+    else:
+        if not (isinstance(grids, list) and grids and all(isinstance(g, dict) for g in grids)):
+            raise StudyError("'grid' must be a list of tables ([[grid]] sections)")
+        runs = []
+        for i, grid in enumerate(grids, 1):
+            try:
+                runs += _expand_grid(spec | grid)
+            except StudyError as exc:
+                raise StudyError(f"grid {i}: {exc}") from None
+    ids = [c.run_id for c in runs]
+    if len(set(ids)) != len(ids):
+        raise StudyError("the grid repeats a run (the same options twice in a list)")
+    for spec_text in dict.fromkeys(c.scheme for c in runs):
+        try:
+            resolve(spec_text)
+        except InitStudyError as exc:
+            raise StudyError(str(exc)) from None
+    return runs
+
+
+def _expand_grid(spec: dict[str, Any]) -> list[RunConfig]:
+    spec = dict(spec)
+    for plural, singular in (("schemes", "scheme"), ("seeds", "seed")):
+        if plural in spec:
+            if singular in spec:
+                raise StudyError(f"give '{plural}' or '{singular}', not both")
+            spec[singular] = spec.pop(plural)
+    unknown = sorted(set(spec) - set(STUDY_OPTIONS))
+    if unknown:
+        raise StudyError(f"unknown key(s) {', '.join(unknown)}; a study takes "
+                         f"{', '.join(STUDY_KEYS)}, schemes, seeds and the run options "
+                         f"{', '.join(STUDY_OPTIONS)}")
+    seeds = spec.pop("seed", 1)
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise StudyError(f"seeds = {seeds}: give a count of at least 1 or a list")
+        seeds = list(range(seeds))
+    schemes = spec.pop("scheme", "default")
+    axes = {"scheme": schemes if isinstance(schemes, list) else [schemes]}
+    axes |= {k: v if isinstance(v, list) else [v] for k, v in spec.items()}
+    axes["seed"] = seeds if isinstance(seeds, list) else [seeds]
+    for key, values in axes.items():
+        if not values:
+            raise StudyError(f"'{key}' is an empty list")
+    for key, values in axes.items():
+        default = getattr(RunConfig, key, None)  # the class attribute holds the default
+        for value in values:
+            if default is not None and not (isinstance(value, type(default)) or
+                                            isinstance(default, float) and isinstance(value, int)):
+                raise StudyError(f"'{key}' takes {type(default).__name__} values, got {value!r}")
+    runs = []
+    for values in itertools.product(*axes.values()):
+        config = RunConfig(**dict(zip(axes, values)))
+        try:
+            config.validate()
+        except InitStudyError as exc:
+            raise StudyError(str(exc)) from None
+        runs.append(config)
+    return runs
+
+
+def plan(study: Study, out: Path, **overrides: Any) -> list[RunConfig]:
+    """The study's runs, each with its folder in ``out`` and the sweep-wide options set."""
+    return [dataclasses.replace(c, out=str(out / c.run_id), group=study.name, quiet=True,
+                                **overrides) for c in study.runs]
+
+
+def status(config: RunConfig) -> str:
+    """A planned run's status from its folder: ``pending`` when there is none yet."""
+    return _summary(config).get("status", "pending")
+
+
+def to_do(runs: list[RunConfig], retry_failed: bool) -> list[RunConfig]:
+    """Runs still to run: neither finished nor (unless retrying) failed."""
+    skip = FINISHED if retry_failed else (*FINISHED, "failed")
+    return [c for c in runs if status(c) not in skip]
+
+
+def _summary(config: RunConfig) -> dict[str, Any]:
+    """A planned run's summary.json, or {} when it has none (yet)."""
+    try:
+        return json.loads((Path(config.out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def packs(runs: list[RunConfig], size: int) -> list[list[RunConfig]]:
+    """Runs grouped into packs of at most ``size`` that may train together (equal in all but
+    scheme and seeds), in the runs' order."""
+    groups: dict[str, list[RunConfig]] = {}
+    for config in runs:
+        key = json.dumps([getattr(config, f) for f in PACK_FIELDS])
+        groups.setdefault(key, []).append(config)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
