@@ -358,6 +358,10 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device, models: list[LeN
             _record_epoch(runs, pack, data, epoch, step, train)
             live = [r for r in runs if not r.diverged_step]
             progress.update(task, info=_epoch_info(live, k_runs))
+            if not first.quiet and not progress.console.is_terminal:  # a log: a line an epoch
+                progress.console.print(f"epoch {epoch}/{first.epochs}: "
+                                       f"{_epoch_info(live, k_runs)}  "
+                                       f"({time.perf_counter() - epoch_start:.0f} s)")
 
     diverged = [k for k, r in enumerate(runs) if r.diverged_step]
     if diverged:  # the final state of a diverged run: its weights where it stopped
