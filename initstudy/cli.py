@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import sys
+import typing
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import RunConfig
+from .config import RunConfig, options
 from .diagnostics import inspect_scheme
 from .model import LeNet, init_layers
 from .plots import layer_pictures
@@ -28,7 +30,6 @@ from .training import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="How weight initialisation changes the training of the document's LeNet.")
-_D = RunConfig()  # option defaults come from the config, the single source of truth
 
 
 def _clean_errors(command: Callable) -> Callable:
@@ -65,57 +66,22 @@ def schemes() -> None:
                "--scheme module.path:function or --scheme path/to/file.py:function")
 
 
-@app.command()
-@_clean_errors
-def run(
-    scheme: str = typer.Option(_D.scheme, help="Init scheme spec, e.g. kaiming, "
-                               "normal:std=0.01, mymodule:init_weights."),
-    seed: int = typer.Option(_D.seed, help="Init seed (and data seed unless --data-seed)."),
-    data_seed: Optional[int] = typer.Option(None, help="Seed of batch order and dropout."),
-    dataset: str = typer.Option(_D.dataset, help="mnist | fashion-mnist | mnist-sample."),
-    data_dir: Optional[str] = typer.Option(None, help="Root holding MNIST/raw or "
-                                           "FashionMNIST/raw (else $INITSTUDY_DATA, cache)."),
-    strict_data: bool = typer.Option(_D.strict_data, help="Refuse the mnist-sample fallback."),
-    val_size: Optional[int] = typer.Option(None, help="Training images held out for "
-                                           "validation, stratified, the same for every run "
-                                           "(0: none) [default: a twelfth, 5,000 of MNIST]."),
-    train_subset: Optional[int] = typer.Option(None, help="Train on a stratified subset of "
-                                               "N of the remaining training images."),
-    subset_seed: int = typer.Option(_D.subset_seed, help="Seed of the subset choice."),
-    epochs: int = typer.Option(_D.epochs),
-    batch_size: int = typer.Option(_D.batch_size),
-    optimizer: str = typer.Option(_D.optimizer, help="sgd | adam."),
-    lr: float = typer.Option(_D.lr, help="Learning rate."),
-    momentum: float = typer.Option(_D.momentum, help="SGD momentum."),
-    weight_decay: float = typer.Option(_D.weight_decay),
-    loss: str = typer.Option(_D.loss, help="ce (from logits) | prob-ce (CrossEntropyLoss on "
-                             "the softmax output, the double softmax)."),
-    device: str = typer.Option(_D.device, help="auto | cpu | cuda | cuda:N."),
-    log_every: int = typer.Option(_D.log_every, help="Steps between train/loss records."),
-    diag_batch: int = typer.Option(_D.diag_batch, help="Images for the init diagnostics "
-                                   "(0: skip them)."),
-    precision: str = typer.Option(_D.precision, help="fp32 | tf32 (CUDA) | bf16 (autocast); "
-                                  "fp32 for numbers that go into a report."),
-    compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the model."),
-    out: Optional[str] = typer.Option(None, help="Run folder [default: runs/<scheme>-s<seed>]."),
-    wandb: Optional[str] = typer.Option(None, help="offline | online | disabled "
-                                        "[default: $WANDB_MODE, else offline]."),
-    wandb_project: str = typer.Option(_D.wandb_project),
-    wandb_entity: Optional[str] = typer.Option(None),
-    wandb_dir: Optional[str] = typer.Option(None, help="[default: inside the run folder]"),
-    group: Optional[str] = typer.Option(None, help="wandb group, a study's name "
-                                        "[default: adhoc]."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-) -> None:
+def _option(name: str) -> Any:
+    """The typer option of RunConfig's field ``name``: its default and help, and its choices
+    for --help and shell completion (RunConfig.validate refuses others, in one line)."""
+    f = next(f for f in options() if f.name == name)
+    flags = f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
+    choices = f.metadata["choices"]
+    complete = (lambda ctx, param, incomplete: [c for c in choices if c.startswith(incomplete)])
+    return typer.Option(f.default, *flags, help=f.metadata["help"],
+                        show_default=f.default is not None,
+                        metavar="|".join(choices) if choices else None,
+                        shell_complete=complete if choices else None)
+
+
+def run(**values: Any) -> None:
     """Train the document's LeNet once under one init scheme and record the run folder."""
-    config = RunConfig(
-        scheme=scheme, seed=seed, data_seed=data_seed, dataset=dataset, data_dir=data_dir,
-        strict_data=strict_data, val_size=val_size, train_subset=train_subset, subset_seed=subset_seed,
-        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, loss=loss, device=device, log_every=log_every,
-        diag_batch=diag_batch, precision=precision, compile=compile, out=out,
-        wandb=wandb, wandb_project=wandb_project, wandb_entity=wandb_entity, wandb_dir=wandb_dir,
-        group=group, quiet=quiet)
+    config = RunConfig(**values)
     summary = train(config)
     acc = lambda key: "-" if summary[key] is None else f"{summary[key]:.4f}"
     best = (f"  best epoch {summary['best_epoch']} by val/acc (val {acc('best/val/acc')}, "
@@ -124,6 +90,14 @@ def run(
                f"{' at step ' + str(summary['diverged_step']) if summary['diverged_step'] else ''}"
                f"  val/acc {acc('val/acc')}  test/acc {acc('test/acc')}{best}"
                f"  on {summary['dataset']}  {summary['wall_seconds']:.1f} s  -> {config.run_dir}")
+
+
+# Every run option is a command-line option, made from RunConfig's fields (one source).
+_types = typing.get_type_hints(RunConfig)
+run.__signature__ = Signature([Parameter(f.name, Parameter.KEYWORD_ONLY,
+                                         default=_option(f.name), annotation=_types[f.name])
+                               for f in options()])
+app.command()(_clean_errors(run))
 
 
 @app.command()
@@ -205,7 +179,7 @@ def sweep_command(
     study: Path = typer.Argument(..., help="Study file (TOML), e.g. experiments/smoke.toml."),
     out: Optional[Path] = typer.Option(None, help="Runs folder [default: runs/<study name>]."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their status."),
-    backend: str = typer.Option("local", help="local | slurm."),
+    backend: str = typer.Option("local", metavar="local|slurm", help="Where runs run."),
     gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,3, or none "
                                        "[default: all visible]."),
     jobs_per_gpu: int = typer.Option(1, help="Runs sharing one GPU at a time."),
@@ -220,17 +194,16 @@ def sweep_command(
     mem: Optional[str] = typer.Option(None, help="Slurm memory per task, e.g. 8G."),
     runs_per_task: int = typer.Option(1, help="Slurm: runs per array task."),
     cpus_per_task: int = typer.Option(1, help="Slurm CPUs per task (torch threads)."),
-    data_dir: Optional[str] = typer.Option(None, help="Data root for every run."),
-    wandb: Optional[str] = typer.Option(None, help="offline | online | disabled "
-                                        "[default: $WANDB_MODE, else offline]."),
-    wandb_project: str = typer.Option(_D.wandb_project),
-    wandb_entity: Optional[str] = typer.Option(None),
+    data_dir: Optional[str] = _option("data_dir"),
+    wandb: Optional[str] = _option("wandb"),
+    wandb_project: str = _option("wandb_project"),
+    wandb_entity: Optional[str] = _option("wandb_entity"),
 ) -> None:
     """Run a study: every scheme x seed x axis of STUDY, resumable, over GPUs, CPUs or Slurm."""
-    loaded = load_study(study)
-    out = out or Path("runs") / loaded.name
     if backend not in ("local", "slurm"):
         raise InitStudyError(f"unknown backend '{backend}'; choose local or slurm")
+    loaded = load_study(study)
+    out = out or Path("runs") / loaded.name
     for name, value in (("--jobs-per-gpu", jobs_per_gpu), ("--workers", workers),
                         ("--runs-per-task", runs_per_task), ("--time", time),
                         ("--cpus-per-task", cpus_per_task), ("--pack", pack)):

@@ -25,6 +25,7 @@ RESULT_FIELDS = ("scheme", "seed", "data_seed", "dataset", "val_size", "train_su
 PACK_FIELDS = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed")) + (
     "data_dir", "strict_data", "device", "log_every", "diag_batch", "compile")
 PRECISIONS = ("fp32", "tf32", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
 # What a study may tune per scheme (a report chooses their values on the validation split).
 TUNABLE = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed"))
 
@@ -38,6 +39,18 @@ def check_tune(tune: list[str]) -> list[str]:
     return list(tune)
 
 
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None,
+           flags: tuple[str, ...] | None = None) -> Any:
+    """A run option: its default, and the help and choices the command line shows (the CLI's
+    options are made from these fields)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flags": flags})
+
+
+def options() -> list[dataclasses.Field]:
+    """RunConfig's fields that are options (the rest the trainer fills in)."""
+    return [f for f in dataclasses.fields(RunConfig) if "help" in f.metadata]
+
+
 @dataclass
 class RunConfig:
     """Everything that decides a run. Fields after ``quiet`` are filled in by the trainer and
@@ -48,35 +61,46 @@ class RunConfig:
     the init visible, where Adam's per-parameter step sizes hide the weights' scale (README).
     """
 
-    scheme: str = "default"  # a spec string, see initstudy.schemes
-    seed: int = 0  # init seed; also the data seed unless data_seed is given
-    data_seed: int | None = None  # batch order and dropout; None means "same as seed"
-    dataset: str = "mnist"  # asked for; see dataset_used
-    data_dir: str | None = None
-    strict_data: bool = False  # refuse the mnist-sample fallback
-    val_size: int | None = None  # training images held out for validation; None: a twelfth
-    train_subset: int | None = None  # stratified subset of the rest of the training set
-    subset_seed: int = 0  # fixed by default, so every run of a study sees the same subset
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
-    loss: str = "ce"  # "ce": cross-entropy from logits; "prob-ce": CrossEntropyLoss on softmax
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 50  # steps between train/loss records
-    diag_batch: int = 256  # images for the init diagnostics (a fixed seeded batch); 0: none
-    precision: str = "fp32"  # fp32 | tf32 (CUDA matmuls and convs) | bf16 (autocast)
-    compile: bool = False  # torch.compile the forward passes
-    out: str | None = None  # run folder; None means runs/<run name>
-    wandb: str | None = None  # offline | online | disabled; None: $WANDB_MODE, else offline
-    wandb_project: str = "initstudy"
-    wandb_entity: str | None = None
-    wandb_dir: str | None = None  # None: inside the run folder
-    group: str | None = None  # the study's name; None: "adhoc"
-    quiet: bool = False
-    # Resolved by the trainer.
+    scheme: str = option("default", "Init scheme spec, e.g. kaiming, normal:std=0.01, "
+                         "mymodule:init_weights (initstudy schemes lists them).")
+    seed: int = option(0, "Init seed (and data seed unless --data-seed).")
+    data_seed: int | None = option(None, "Seed of batch order and dropout (default: --seed).")
+    dataset: str = option("mnist", "Dataset asked for (dataset_used records what ran).",
+                          choices=DATASETS)
+    data_dir: str | None = option(None, "Data root holding MNIST/raw or FashionMNIST/raw "
+                                  "(default: $INITSTUDY_DATA, then the cache).")
+    strict_data: bool = option(False, "Refuse the mnist-sample fallback.")
+    val_size: int | None = option(None, "Training images held out for validation, stratified, "
+                                  "the same for every run (0: none) (default: a twelfth, "
+                                  "5,000 of MNIST).")
+    train_subset: int | None = option(None, "Train on a stratified subset of N of the "
+                                      "remaining training images.")
+    subset_seed: int = option(0, "Seed of the subset choice (fixed, so every run of a study "
+                              "sees the same subset).")
+    epochs: int = option(10, "Epochs to train.")
+    batch_size: int = option(128, "Training batch size.")
+    optimizer: str = option("sgd", "Optimizer.", choices=OPTIMIZERS)
+    lr: float = option(0.01, "Learning rate.")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(0.0, "Weight decay.")
+    loss: str = option("ce", "ce: cross-entropy from the logits; prob-ce: CrossEntropyLoss on "
+                       "the softmax output (the double softmax).", choices=LOSSES)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    log_every: int = option(50, "Steps between train/loss records.")
+    diag_batch: int = option(256, "Images for the init diagnostics, a fixed seeded batch "
+                             "(0: skip them).")
+    precision: str = option("fp32", "fp32 | tf32 (CUDA matmuls and convs) | bf16 (autocast); "
+                            "fp32 for numbers that go into a report.", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the forward passes.")
+    out: str | None = option(None, "Run folder (default: runs/<scheme>-s<seed>).")
+    wandb: str | None = option(None, "wandb mode (default: $WANDB_MODE, else offline).",
+                               choices=WANDB_MODES)
+    wandb_project: str = option("initstudy", "wandb project.")
+    wandb_entity: str | None = option(None, "wandb entity.")
+    wandb_dir: str | None = option(None, "wandb folder (default: inside the run folder).")
+    group: str | None = option(None, "wandb group, a study's name (default: adhoc).")
+    quiet: bool = option(False, "No progress bars.", flags=("--quiet", "-q"))
+    # Resolved by the trainer: what actually ran.
     dataset_used: str | None = None
     device_used: str | None = None
     scheme_params: dict[str, Any] | None = None
@@ -118,14 +142,10 @@ class RunConfig:
              f"validation size must be >= 0, got {self.val_size}"),
             (self.train_subset is None or self.train_subset >= 1,
              f"train subset must be at least 1, got {self.train_subset}"),
-            (self.optimizer in OPTIMIZERS,
-             f"unknown optimizer '{self.optimizer}'; choose from {', '.join(OPTIMIZERS)}"),
-            (self.loss in LOSSES, f"unknown loss '{self.loss}'; choose from {', '.join(LOSSES)}"),
-            (self.dataset in DATASETS,
-             f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}"),
-            (self.precision in PRECISIONS,
-             f"unknown precision '{self.precision}'; choose from {', '.join(PRECISIONS)}"),
-        ]
+        ] + [(getattr(self, f.name) in f.metadata["choices"] + (None,),
+              f"unknown {f.name.replace('_', ' ')} '{getattr(self, f.name)}'; choose from "
+              f"{', '.join(f.metadata['choices'])}")
+             for f in options() if f.metadata["choices"]]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)

@@ -217,17 +217,13 @@ def normalise(images: torch.Tensor, dataset: str) -> torch.Tensor:
     return images.unsqueeze(1).float().sub_(255 * mean).div_(255 * std)
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, dataset: str, batch_size: int,
-            generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised (x, y) batches on the data's device: shuffled by a permutation drawn on
-    the CPU from ``generator`` (so the order is the same on every device), or in order if None.
-    The last batch may be smaller."""
-    n = len(labels)
-    order = (torch.randperm(n, generator=generator) if generator is not None
-             else torch.arange(n)).to(labels.device, non_blocking=True)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        yield normalise(images[idx], dataset), labels[idx]
+def batches(images: torch.Tensor, labels: torch.Tensor, dataset: str,
+            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised (x, y) batches in order, on the data's device (for evaluation; the
+    trainer draws each run's own order). The last batch may be smaller."""
+    for start in range(0, len(labels), batch_size):
+        yield (normalise(images[start:start + batch_size], dataset),
+               labels[start:start + batch_size])
 
 
 def random_batch(images: torch.Tensor, labels: torch.Tensor, dataset: str, n: int,

@@ -123,7 +123,8 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
     if profiles:
         add("Signal propagation at init: the forward and backward std per layer "
             "(init_diagnostics.json, training images, mean over seeds).",
-            plots.depth_profile(profiles, layers, folder / f"{prefix}init_signal.png"))
+            plots.depth_profile(profiles, layers, folder / f"{prefix}init_signal.png",
+                                _diagnostics_batch(groups)))
     return made
 
 
@@ -155,6 +156,12 @@ def _first_seed_histograms(groups: dict[str, list[Run]], layers: list[str]):
         result[scheme] = {param: {layer: (pick(layer, param, 0), pick(layer, param, last))
                                   for layer in layers} for param in ("weight", "bias")}
     return result
+
+
+def _diagnostics_batch(groups: dict[str, list[Run]]) -> int | None:
+    """The images the runs' init diagnostics were measured on, when all agree."""
+    sizes = {(r.diagnostics() or {}).get("batch") for runs in groups.values() for r in runs}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _depth_profiles(groups: dict[str, list[Run]]) -> dict[str, dict[str, list[float]]]:

@@ -9,8 +9,7 @@ from .model import LeNet
 
 
 CPU_CHUNK = 16  # images per chunk of the first conv on a CPU (``LeNet.logits``): 6.4 MB of
-# output. Measured on 2 EPYC cores at batch 128: 8, 16, 32, 64, 128 -> 1390, 1560, 1500, 1420,
-# 1400 images/s. GPUs run it whole (unmeasured there: chunks would add kernel launches).
+# output, pooled while it is in cache (the sizes tried: README, Performance). GPUs run it whole.
 
 
 class _Logits(nn.Module):

@@ -211,7 +211,7 @@ def bias_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str
 
 
 def depth_profile(profiles: dict[str, dict[str, list[float]]], layers: list[str],
-                  path: Path) -> Path:
+                  path: Path, images: int | None = None) -> Path:
     """Forward (output std) and backward (gradient std) signal against depth, per scheme."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for scheme, color in _colors(list(profiles)).items():
@@ -226,7 +226,8 @@ def depth_profile(profiles: dict[str, dict[str, list[float]]], layers: list[str]
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     _legend(axes[1], fontsize=8)
-    fig.suptitle("signal propagation at init (mean over seeds, 256 training images)")
+    fig.suptitle("signal propagation at init (mean over seeds"
+                 + (f", {images} training images)" if images else ")"))
     return _save(fig, path)
 
 

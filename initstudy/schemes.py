@@ -50,14 +50,11 @@ class Param:
     accepts: str
 
 
-def _number(accepts: str = "a number") -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text)  # ValueError on junk: reported with `accepts`
-        if not math.isfinite(value):
-            raise ValueError(text)
-        return value
-
-    return parse
+def _number(text: str) -> float:
+    value = float(text)  # ValueError on junk: reported with the Param's `accepts`
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def _integer(text: str) -> int:
@@ -76,11 +73,11 @@ def _choice(*options: str) -> Callable[[str], str]:
 def _bias_policy(text: str) -> float | str:
     if text in ("zeros", "keep"):
         return text
-    return _number()(text)
+    return _number(text)
 
 
 def _float(default: float | None) -> Param:
-    return Param(default, _number(), "a number")
+    return Param(default, _number, "a number")
 
 
 BIAS = Param("zeros", _bias_policy, "zeros, keep or a number")
@@ -211,8 +208,7 @@ def _output_var(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> flo
     return seen[0]
 
 
-def _lsuv(model: nn.Module, images: torch.Tensor, tol: float, max_iter: int,
-          batch: int) -> None:
+def _lsuv(model: nn.Module, images: torch.Tensor, tol: float, max_iter: int) -> None:
     """LSUV (Mishkin & Matas, 2015): layer by layer in forward order, divide the weights by the
     std of the layer's output on the batch until its variance is within ``tol`` of 1."""
     was_training = model.training
@@ -366,9 +362,9 @@ def apply_scheme(model: nn.Module, spec: str, seed: int = 0,
                 module.reset_parameters()
         try:
             model.apply(resolved.apply_fn)
-            if resolved.data_init is not None:
-                images = data(resolved.params["batch"])
-                resolved.data_init(model, images, **resolved.params)
+            if resolved.data_init is not None:  # its `batch` is how many images to draw
+                params = dict(resolved.params)
+                resolved.data_init(model, data(params.pop("batch")), **params)
         except Exception as exc:
             raise SchemeError(f"scheme '{spec}' failed: {type(exc).__name__}: {exc}") from exc
     return model

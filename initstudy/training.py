@@ -44,8 +44,8 @@ def hold_freed_memory() -> bool:
 
     A CPU training step allocates and frees ~100 MB of activations (the first conv's output
     alone is 51 MB at batch 128). By default each of those blocks is a new mmap, paid for by
-    one page fault per 4 kB: measured here, 25,000 faults and a quarter of the step's time.
-    Blocks the heap cannot grow for still fall back to mmap. Process-wide; results unchanged.
+    one page fault per 4 kB (README, Performance). Blocks the heap cannot grow for still fall
+    back to mmap. Process-wide; results unchanged.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

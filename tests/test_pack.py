@@ -125,9 +125,9 @@ def test_pack_evaluation_memory_is_bounded(monkeypatch):
     sizes = []
     real = training.batches
 
-    def spy(images, labels, dataset, batch_size, generator=None):
+    def spy(images, labels, dataset, batch_size):
         sizes.append(batch_size)
-        return real(images, labels, dataset, batch_size, generator)
+        return real(images, labels, dataset, batch_size)
 
     monkeypatch.setattr(training, "batches", spy)
     images = torch.randint(0, 255, (130, 28, 28), dtype=torch.uint8)
