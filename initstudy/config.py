@@ -110,6 +110,13 @@ class RunConfig:
     def effective_data_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
 
+    def summary_head(self, status: str, dataset: str) -> dict[str, Any]:
+        """The fields every summary.json begins with, whoever writes it (the trainer, or a
+        sweep recording a run that could not)."""
+        return {"status": status, "run_name": self.run_name, "scheme": self.scheme,
+                "seed": self.seed, "data_seed": self.effective_data_seed, "dataset": dataset,
+                "epochs": self.epochs}
+
     @property
     def run_name(self) -> str:
         """``<scheme>-s<seed>``, with the spec made safe for a folder name."""

@@ -196,8 +196,11 @@ def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | Non
     (out / "study.toml").write_text(study.source)  # provenance for reports
     runs = plan(study, out, **(overrides or {}))
     todo = to_do(runs, retry_failed)
-    console.print(f"study [bold]{study.name}[/]: {len(runs)} runs, {len(runs) - len(todo)} "
-                  f"already finished, {len(todo)} to run -> {out}")
+    finished = sum(status(c) in FINISHED for c in runs)
+    failed = len(runs) - finished - len(todo)  # kept, unless --retry-failed
+    console.print(f"study [bold]{study.name}[/]: {len(runs)} runs, {finished} already finished"
+                  + (f", {failed} failed (rerun with --retry-failed)" if failed else "")
+                  + f", {len(todo)} to run -> {out}")
     with SweepProgress(len(runs), len(runs) - len(todo), console) as progress:
         if backend == "slurm":
             jobs = submit_slurm(todo, out, pack=pack, **(slurm or {}))

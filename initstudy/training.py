@@ -170,9 +170,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
         config.scheme_params, config.env = scheme.params, env
         folder.write_config(config.to_dict())
         mirror = WandbMirror(config, scheme.name) if config.wandb != "disabled" else None
-        summary = {"status": "running", "run_name": config.run_name, "scheme": config.scheme,
-                   "seed": config.seed, "data_seed": config.effective_data_seed,
-                   "dataset": dataset.name, "epochs": config.epochs}
+        summary = config.summary_head("running", dataset.name)
         run = _Run(config, folder, Tracker(folder, mirror), summary)
         run.tracker.summary(summary, final=False)
         runs.append(run)

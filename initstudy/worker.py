@@ -22,10 +22,8 @@ def record_failure(config: RunConfig, error: str, ended_as: str = "failed") -> N
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "error.txt").exists():  # the run's own traceback, where it wrote one
         (folder / "error.txt").write_text(error + "\n")
-    write_json_atomic(folder / "summary.json", {
-        "status": ended_as, "run_name": config.run_name, "scheme": config.scheme,
-        "seed": config.seed, "dataset": config.dataset, "epochs": config.epochs,
-        "error": error})
+    write_json_atomic(folder / "summary.json",
+                      config.summary_head(ended_as, config.dataset) | {"error": error})
 
 
 def run_pack(configs: list[RunConfig]) -> list[str]:

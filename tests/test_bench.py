@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
@@ -23,15 +25,19 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     for name in ("baseline", "baseline_malloc_held", "initstudy", "packed"):
         assert numbers[name]["images_per_second"] > 0, name
     assert numbers["packed"]["runs"] == 2
-    assert 0.2 < numbers["flops_per_image"] / 1e9 < 0.3  # 0.258 GFLOP, forward and backward
+    # FLOPs counted by hand from the layer shapes: multiply-adds of each layer's forward pass
+    # (conv1 on the 32x32 padded image -> 28x28, conv2 on 14x14 -> 10x10, conv3 on 5x5 -> 1x1,
+    # then the two linears), 2 FLOPs each; backward twice the forward, but for the image's own
+    # gradient, which nothing needs.
+    macs = [28 * 28 * 128 * 25, 10 * 10 * 128 * 128 * 25, 128 * 128 * 25, 128 * 84, 84 * 10]
+    by_hand = 3 * 2 * sum(macs) - 2 * macs[0]
+    assert numbers["flops_per_image"] == pytest.approx(by_hand, rel=0.02)
     assert set(numbers["ceiling_by_library"]) == {"matmul", "onednn"}
-    assert numbers["ceiling_gflops"] == max(numbers["ceiling_by_library"].values())
-    initstudy = numbers["initstudy"]
-    assert initstudy["gflops"] == initstudy["images_per_second"] * numbers["flops_per_image"] / 1e9
-    assert numbers["initstudy_fraction_of_ceiling"] == initstudy["gflops"] / numbers[
-        "ceiling_gflops"]
-    assert initstudy["vs_baseline"] == (initstudy["images_per_second"]
-                                        / numbers["baseline"]["images_per_second"])
+    assert all(g > 1 for g in numbers["ceiling_by_library"].values())  # GFLOP/s
+    # The trainer cannot run much faster than the machine's own matrix product, nor take
+    # forever: a broken ratio or unit shows up here, whatever the script computes.
+    assert 0 < numbers["initstudy_fraction_of_ceiling"] < 1.5
+    assert 0.1 < numbers["initstudy"]["vs_baseline"] < 20
     assert 100 < numbers["peak_rss_mb"] < 1500
     assert numbers["study"]["runs"] == 4 and numbers["study"]["seconds"] > 0
     assert numbers["study"]["device"] == "cpu"  # on the device named, even on a GPU host

@@ -190,11 +190,16 @@ def test_a_crashing_run_fails_alone(tmp_path, tiny_data):
     assert killed["status"] == "failed" and "killed by signal 9" in killed["error"]
 
     rerun = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, timeout=300)
-    assert "1 already finished, 2 to run" not in rerun.stderr  # failed are not retried...
-    assert "3 already finished, 0 to run" in rerun.stderr or "0 to run" in rerun.stderr
+    assert rerun.returncode == 1  # the failed runs are still failed...
+    said = " ".join(rerun.stderr.split())  # rich wraps lines at the terminal's width
+    assert "3 runs, 1 already finished, 2 failed (rerun with --retry-failed), 0 to run" in said
+    assert json.loads((Path(runs["oom"].out) / "summary.json").read_text()) == oom  # untouched
     retry = subprocess.run(sweep_cmd(study, out, "--retry-failed"), capture_output=True,
                            text=True, timeout=300)
-    assert "2 to run" in retry.stderr and retry.returncode == 1  # ...unless asked
+    assert retry.returncode == 1
+    assert "3 runs, 1 already finished, 2 to run" in " ".join(retry.stderr.split())
+    assert "MemoryError" in json.loads((Path(runs["oom"].out) / "summary.json").read_text())[
+        "error"]  # ...unless asked: retried, and failed again for the same reason
 
 
 def workers_of(out: Path) -> list[int]:
