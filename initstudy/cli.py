@@ -20,7 +20,7 @@ from .model import LeNet, init_layers
 from .plots import layer_pictures
 from .report import make_report
 from .errors import InitStudyError
-from .schemes import DEFAULT_SCHEMES, SCHEMES, apply_scheme
+from .schemes import SCHEME_COLUMNS, apply_scheme, scheme_rows, scheme_table_markdown
 from .sources import fetch_dataset, import_pickle, inventory
 from .study import load_study, plan
 from .sweep import plan_table, sweep, visible_gpus
@@ -50,16 +50,16 @@ def _clean_errors(command: Callable) -> Callable:
 
 
 @app.command()
-def schemes() -> None:
+def schemes(markdown: bool = typer.Option(False, "--markdown", help="As the Markdown table "
+                                                                    "of docs/schemes.md.")):
     """List the init schemes: effect on conv weights, linear weights, biases; parameters."""
+    if markdown:
+        typer.echo(scheme_table_markdown())
+        return
     table = Table(title="init schemes (* compared by default)")
-    for column in ("name", "conv weights", "linear weights", "biases", "parameters"):
+    for column in SCHEME_COLUMNS:
         table.add_column(column, overflow="fold")
-    for scheme in SCHEMES.values():
-        params = ", ".join(f"{k}={'(required)' if p.default is None else p.default}"
-                           for k, p in scheme.params.items())
-        mark = "*" if scheme.name in DEFAULT_SCHEMES else ""
-        cells = (scheme.name + mark, scheme.conv, scheme.linear, scheme.biases, params)
+    for cells in scheme_rows():
         table.add_row(*map(escape, cells))  # '[a, b]' is text, not rich markup
     Console(width=max(140, Console().width)).print(table)
     typer.echo("bias policy: zeros | keep (PyTorch default) | a number.  Your own function: "
@@ -72,11 +72,11 @@ def _option(name: str) -> Any:
     f = next(f for f in options() if f.name == name)
     flags = f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
     choices = f.metadata["choices"]
-    complete = (lambda ctx, param, incomplete: [c for c in choices if c.startswith(incomplete)])
+    complete = (lambda incomplete: [c for c in choices if c.startswith(incomplete)])
     return typer.Option(f.default, *flags, help=f.metadata["help"],
                         show_default=f.default is not None,
                         metavar="|".join(choices) if choices else None,
-                        shell_complete=complete if choices else None)
+                        autocompletion=complete if choices else None)
 
 
 def run(**values: Any) -> None:

@@ -58,7 +58,7 @@ class RunConfig:
 
     Defaults (SGD, lr 0.01, momentum 0.9, batch 128, 10 epochs): the textbook setting, stable
     under PyTorch's default, xavier, kaiming and orthogonal inits; plain SGD keeps the effect of
-    the init visible, where Adam's per-parameter step sizes hide the weights' scale (README).
+    the init visible, where Adam's per-parameter step sizes hide the weights' scale (docs/run.md).
     """
 
     scheme: str = option("default", "Init scheme spec, e.g. kaiming, normal:std=0.01, "

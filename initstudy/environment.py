@@ -66,7 +66,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
-        # What decides whether a GPU run repeats bit for bit (README, "Reproducibility").
+        # What decides whether a GPU run repeats bit for bit (docs/records.md).
         "compute_capability": (".".join(map(str, torch.cuda.get_device_capability(device)))
                                if device.type == "cuda" else None),
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,

@@ -9,7 +9,7 @@ from .model import LeNet
 
 
 CPU_CHUNK = 16  # images per chunk of the first conv on a CPU (``LeNet.logits``): 6.4 MB of
-# output, pooled while it is in cache (the sizes tried: README, Performance). GPUs run it whole.
+# output, pooled while it is in cache (the sizes tried: docs/performance.md). GPUs run it whole.
 
 
 class _Logits(nn.Module):

@@ -368,3 +368,20 @@ def apply_scheme(model: nn.Module, spec: str, seed: int = 0,
         except Exception as exc:
             raise SchemeError(f"scheme '{spec}' failed: {type(exc).__name__}: {exc}") from exc
     return model
+
+
+SCHEME_COLUMNS = ("name", "conv weights", "linear weights", "biases", "parameters (defaults)")
+
+
+def scheme_rows() -> list[tuple[str, ...]]:
+    """The registry as table rows (``initstudy schemes``, docs/schemes.md): ``*`` marks the
+    schemes a study compares by default."""
+    return [(s.name + ("*" if s.name in DEFAULT_SCHEMES else ""), s.conv, s.linear, s.biases,
+             ", ".join(f"{k}={'(required)' if p.default is None else p.default}"
+                       for k, p in s.params.items())) for s in SCHEMES.values()]
+
+
+def scheme_table_markdown() -> str:
+    rows = ["| " + " | ".join(SCHEME_COLUMNS) + " |", "|" + "---|" * len(SCHEME_COLUMNS)]
+    rows += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in scheme_rows()]
+    return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""Mirroring a run to Weights & Biases (keys in the README), and the ``Tracker`` through which
+"""Mirroring a run to Weights & Biases (keys in docs/records.md), and the ``Tracker`` through which
 the trainer reports to the run folder and the mirror at once."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def check_wandb_online() -> None:
 
 
 class WandbMirror:
-    """Mirrors one run to wandb (keys in the README). wandb is a mirror, never the record: any
+    """Mirrors one run to wandb (keys in docs/records.md). wandb is a mirror, never the record: any
     wandb failure warns once, turns the mirror off and lets training go on."""
 
     def __init__(self, config: RunConfig, scheme_name: str):

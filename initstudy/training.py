@@ -44,7 +44,7 @@ def hold_freed_memory() -> bool:
 
     A CPU training step allocates and frees ~100 MB of activations (the first conv's output
     alone is 51 MB at batch 128). By default each of those blocks is a new mmap, paid for by
-    one page fault per 4 kB (README, Performance). Blocks the heap cannot grow for still fall
+    one page fault per 4 kB (docs/performance.md). Blocks the heap cannot grow for still fall
     back to mmap. Process-wide; results unchanged.
     """
     try:

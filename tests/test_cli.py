@@ -30,6 +30,13 @@ def test_schemes_lists_every_scheme_with_parameters():
     assert "nonlinearity=relu" in result.stdout and "N(0, 0.5)" in result.stdout
 
 
+def test_the_documented_scheme_table_is_the_registry():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "schemes.md").read_text()
+    table = run_cli("schemes", "--markdown").stdout.strip()
+    assert table in docs and table.count("\n") == len(SCHEMES) + 1
+    assert "| lsuv |" in table
+
+
 def test_run_end_to_end(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", "--scheme", "normal:std=0.05", "--seed", "3", "--epochs", "2",

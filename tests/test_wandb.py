@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from initstudy import RunConfig, train
 from initstudy.cli import app
 from initstudy.errors import ConfigError
-from initstudy.runfolder import read_jsonl, wandb_mode
+from initstudy.runfolder import read_jsonl
+from initstudy.tracking import wandb_mode
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 WANDB = Path(sys.executable).with_name("wandb")
