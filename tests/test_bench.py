@@ -10,6 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
+@pytest.mark.slow
 def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     study = tmp_path / "tiny.toml"
     study.write_text('name = "tiny"\ndataset = "mnist"\nschemes = ["default", "kaiming"]\n'

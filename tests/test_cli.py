@@ -37,6 +37,7 @@ def test_the_documented_scheme_table_is_the_registry():
     assert "| lsuv |" in table
 
 
+@pytest.mark.slow
 def test_run_end_to_end(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", "--scheme", "normal:std=0.05", "--seed", "3", "--epochs", "2",
@@ -142,6 +143,7 @@ def test_bad_input_is_one_clear_line(tiny_data, tmp_path, args, fragment):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_console_script_with_a_users_init_file(tiny_data, tmp_path):
     """The installed entry point, in a fresh process, with `file.py:function`."""
     (tmp_path / "inits.py").write_text(textwrap.dedent("""

@@ -56,6 +56,7 @@ def test_a_packed_step_computes_each_runs_own_gradients():
             assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_packed_runs_record_what_solo_runs_do(tiny_data, tmp_path):
     """End to end: the same records, steps, init and data order; the first logged loss (3
     steps in) equal to float rounding. Later numbers drift apart as training amplifies the
@@ -84,6 +85,7 @@ def test_packed_runs_record_what_solo_runs_do(tiny_data, tmp_path):
     assert packed[0]["test/loss"] != packed[1]["test/loss"]
 
 
+@pytest.mark.slow
 def test_a_diverging_run_does_not_disturb_its_pack(tiny_data, tmp_path):
     # At lr 1e6, zeros stays finite (only the output bias moves, by bounded gradients);
     # N(0, 10^2) weights blow up.
@@ -118,6 +120,7 @@ def test_pack_forward_equals_each_model():
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_pack_evaluation_memory_is_bounded(monkeypatch):
     """A pass of a pack's evaluation holds at most EVAL_BATCH images x runs, whatever K."""
     import initstudy.training as training

