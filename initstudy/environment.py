@@ -1,8 +1,11 @@
-"""What a run runs on: the device it asks for, resolved, and everything besides its config that
-makes it reproducible (versions, git commit, host, device, numerics)."""
+"""What a run runs on: the device it asks for, resolved; its numerics (TF32, autocast) and the
+host's memory allocator; and everything besides its config that makes it reproducible
+(versions, git commit, host, device)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import platform
 import socket
@@ -10,7 +13,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,3 +81,59 @@ def environment(device: torch.device) -> dict[str, Any]:
         "argv": sys.argv,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+HEAP_KEEP = 256 << 20  # bytes of freed memory malloc may keep for reuse; see hold_freed_memory
+
+
+def hold_freed_memory() -> bool:
+    """Make glibc's malloc serve large blocks from its heap and keep up to HEAP_KEEP bytes of
+    freed memory there, instead of mapping fresh pages for each block and handing them back
+    to the OS when it is freed; return whether malloc took it (False where it is not glibc's).
+
+    A CPU training step allocates and frees ~100 MB of activations (the first conv's output
+    alone is 51 MB at batch 128). By default each of those blocks is a new mmap, paid for by
+    one page fault per 4 kB (docs/performance.md). Blocks the heap cannot grow for still fall
+    back to mmap. Process-wide; results unchanged.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    # <malloc.h>: M_MMAP_MAX = -4 (0: no mmap for blocks the heap can hold),
+    # M_TRIM_THRESHOLD = -1 (free memory at the heap's top kept before trimming)
+    return mallopt(-4, 0) == 1 and mallopt(-1, HEAP_KEEP) == 1
+
+
+# The TF32 switches of the matmuls and convs a run uses, in torch's fp32_precision API (the
+# legacy allow_tf32 flags raise once a user has set this one, so they are never touched).
+TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+
+
+@contextlib.contextmanager
+def numerics(precision: str, device: torch.device):
+    """fp32 runs CUDA matmuls and convs in full fp32 ("ieee"): PyTorch's own default lets
+    cuDNN convs use TF32, which rounds their inputs to 10 mantissa bits. tf32 allows TF32 in
+    both; bf16 runs the forward pass under autocast. Each switch is restored to exactly what it
+    was ("none", inherit, included)."""
+    saved = [switch.fp32_precision for switch in TF32_SWITCHES]
+    for switch in TF32_SWITCHES:
+        switch.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        for switch, value in zip(TF32_SWITCHES, saved):
+            switch.fp32_precision = value
+
+
+def on_device(device: torch.device, what: str, step: Callable[[], Any]) -> Any:
+    """Run ``step``; a CUDA failure in it (out of memory, a GPU busy in exclusive mode, no
+    kernels for this GPU in the installed wheel) becomes one ConfigError line."""
+    try:
+        return step()
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if device.type != "cuda" and not isinstance(exc, torch.OutOfMemoryError):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{what} on {device} failed: {type(exc).__name__}: {first}") from exc

@@ -3,8 +3,6 @@ several at once, vectorised. Knows nothing of schemes beyond ``apply_scheme``.""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import math
 import sys
@@ -19,41 +17,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .config import PACK_FIELDS, RunConfig
-from .environment import environment, resolve_device
 from .data import Dataset, batches, normalise, random_batch
 from .diagnostics import DIAG_SEED, init_diagnostics, snapshot, weight_dynamics
+from .environment import (HEAP_KEEP, environment, hold_freed_memory, numerics, on_device,
+                          resolve_device)
 from .errors import ConfigError, InitStudyError, RunFailed
 from .model import LeNet, init_layers
 from .pack import LeNetPack
+from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset
-from .runfolder import RunFolder
 from .tracking import Tracker, WandbMirror, check_wandb_online, wandb_mode
 
 EVAL_BATCH = 500  # images x runs per evaluation pass (a pack of K runs sees 500 // K images
 # each): the first conv's output is 0.4 MB per image per run, so at most 200 MB a pass
-
-
-HEAP_KEEP = 256 << 20  # bytes of freed memory malloc may keep for reuse; see hold_freed_memory
-
-
-def hold_freed_memory() -> bool:
-    """Make glibc's malloc serve large blocks from its heap and keep up to HEAP_KEEP bytes of
-    freed memory there, instead of mapping fresh pages for each block and handing them back
-    to the OS when it is freed; return whether malloc took it (False where it is not glibc's).
-
-    A CPU training step allocates and frees ~100 MB of activations (the first conv's output
-    alone is 51 MB at batch 128). By default each of those blocks is a new mmap, paid for by
-    one page fault per 4 kB (docs/performance.md). Blocks the heap cannot grow for still fall
-    back to mmap. Process-wide; results unchanged.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    # <malloc.h>: M_MMAP_MAX = -4 (0: no mmap for blocks the heap can hold),
-    # M_TRIM_THRESHOLD = -1 (free memory at the heap's top kept before trimming)
-    return mallopt(-4, 0) == 1 and mallopt(-1, HEAP_KEEP) == 1
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -158,7 +135,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
         dataset = dataset.subset_train(first.train_subset, first.subset_seed)
     say(describe(dataset))
     held = device.type == "cpu" and hold_freed_memory()
-    env = _on_device(device, "reading the device's properties", lambda: environment(device)) | {
+    env = on_device(device, "reading the device's properties", lambda: environment(device)) | {
         "data_source": dataset.source, "data_official": dataset.official,
         "data_sha256": dataset.sha256 or None, "train_images": len(dataset.train_labels),
         "val_images": len(dataset.val_labels), "test_images": len(dataset.test_labels),
@@ -178,7 +155,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     try:
         with torch.random.fork_rng(devices=cuda):
             models = init_models(configs, dataset)  # before anything touches the device
-            data, models = _on_device(device, "moving the data and models", lambda: (
+            data, models = on_device(device, "moving the data and models", lambda: (
                 dataset.to(device), [m.to(device) for m in models]))
             if first.diag_batch:
                 with numerics("fp32", device):
@@ -217,28 +194,6 @@ def describe(dataset: Dataset) -> str:
             f"{sizes['val']:,} validation / {sizes['test']:,} test images")
 
 
-# The TF32 switches of the matmuls and convs a run uses, in torch's fp32_precision API (the
-# legacy allow_tf32 flags raise once a user has set this one, so they are never touched).
-TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-
-
-@contextlib.contextmanager
-def numerics(precision: str, device: torch.device):
-    """fp32 runs CUDA matmuls and convs in full fp32 ("ieee"): PyTorch's own default lets
-    cuDNN convs use TF32, which rounds their inputs to 10 mantissa bits. tf32 allows TF32 in
-    both; bf16 runs the forward pass under autocast. Each switch is restored to exactly what it
-    was ("none", inherit, included)."""
-    saved = [switch.fp32_precision for switch in TF32_SWITCHES]
-    for switch in TF32_SWITCHES:
-        switch.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            yield
-    finally:
-        for switch, value in zip(TF32_SWITCHES, saved):
-            switch.fp32_precision = value
-
-
 def init_models(configs: list[RunConfig], data: Dataset) -> list[LeNet]:
     """Each run's initialised model, made on the CPU in fp32 (``apply_scheme``) from the data
     held on the CPU, so that a seed gives the same weights whatever device and precision the
@@ -250,18 +205,6 @@ def init_models(configs: list[RunConfig], data: Dataset) -> list[LeNet]:
         return random_batch(data.train_images, data.train_labels, data.name, count)[0]
 
     return [apply_scheme(LeNet(), c.scheme, seed=c.seed, data=draw) for c in configs]
-
-
-def _on_device(device: torch.device, what: str, step: Callable[[], Any]) -> Any:
-    """Run ``step``; a CUDA failure in it (out of memory, a GPU busy in exclusive mode, no
-    kernels for this GPU in the installed wheel) becomes one ConfigError line."""
-    try:
-        return step()
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if device.type != "cuda" and not isinstance(exc, torch.OutOfMemoryError):
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ConfigError(f"{what} on {device} failed: {type(exc).__name__}: {first}") from exc
 
 
 def _diagnose(runs: list[_Run], models: list[LeNet], data: Dataset, images: int) -> None:

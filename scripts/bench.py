@@ -36,7 +36,8 @@ from initstudy.data import STATS
 from initstudy.sources import load_dataset
 from initstudy.errors import InitStudyError
 from initstudy.study import load_study
-from initstudy.training import numerics, train_pack
+from initstudy.environment import numerics
+from initstudy.training import train_pack
 
 MNIST_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "mnist-lenet.toml"
 

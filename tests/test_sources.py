@@ -20,8 +20,9 @@ import initstudy.sources as sources
 from initstudy.cli import app
 from initstudy.data import FILES, idx_bytes
 from initstudy.errors import DataError
-from initstudy.sources import (DEBIAN_FASHION, NoSource, IntegrityError, fetch, load_arrays,
-                               load_dataset, rebuild_idx)
+import initstudy.mnistpkl as mnistpkl
+from initstudy.mnistpkl import load_arrays, rebuild_idx
+from initstudy.sources import DEBIAN_FASHION, IntegrityError, NoSource, fetch, load_dataset
 
 from helpers import make_digits, write_dataset
 
@@ -48,7 +49,7 @@ def official_for(monkeypatch, files: dict[str, bytes], name="mnist"):
 
 @pytest.fixture
 def small_pickle(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "PICKLE_SPLITS", SMALL)
+    monkeypatch.setattr(mnistpkl, "PICKLE_SPLITS", SMALL)
     path = tiny_pickle(tmp_path)
     files = rebuild_idx(gzip.decompress(path.read_bytes()))
     official_for(monkeypatch, files)

@@ -189,7 +189,7 @@ def test_precision_and_compile_options_are_recorded(tiny_data, tmp_path):
 
 NUMERICS = """
 import sys, torch
-from initstudy.training import TF32_SWITCHES, numerics
+from initstudy.environment import TF32_SWITCHES, numerics
 setup = sys.argv[1]
 if setup == "new-api":
     torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -230,7 +230,7 @@ def test_precision_switches_restore_exactly_what_they_found(setup, expected):
 
 FAULTS = """
 import resource, sys, torch
-from initstudy.training import hold_freed_memory
+from initstudy.environment import hold_freed_memory
 print(hold_freed_memory() if sys.argv[1] == "hold" else None)
 faults = []
 for _ in range(8):  # a step's worth of activations, allocated, written and freed
@@ -272,7 +272,8 @@ def test_init_is_fp32_outside_autocast_and_from_cpu_data(tiny_data, tmp_path):
     variance measured ten times and weights orders of magnitude off. The init is now the same
     bit for bit whatever the precision around it, and is made from data held on the CPU."""
     from initstudy.sources import load_dataset
-    from initstudy.training import init_models, numerics
+    from initstudy.environment import numerics
+    from initstudy.training import init_models
 
     data = load_dataset("mnist", data_dir=str(tiny_data)).split_validation(None)
     configs = [RunConfig(scheme="lsuv:batch=64", seed=3), RunConfig(scheme="kaiming", seed=1)]
