@@ -47,11 +47,12 @@ OBJECTIVES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ce": _ce, "prob-ce": _prob_ce}
 
 
-def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+# The optimizers and objectives behind config.OPTIMIZERS and config.LOSSES (a test checks the
+# names agree; config names them without importing torch).
+OPTIMIZERS: dict[str, Callable[[list, RunConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum,
+                                             weight_decay=c.weight_decay),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)}
 
 
 @torch.no_grad()
@@ -227,7 +228,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device, models: list[LeN
         seed = run.config.effective_data_seed
         run.order = torch.Generator().manual_seed(seed)
         run.dropout = torch.Generator(device=device).manual_seed(seed)
-    optimizer = make_optimizer(pack.parameters(), first)
+    optimizer = OPTIMIZERS[first.optimizer](pack.parameters(), first)
     objective = torch.func.vmap(OBJECTIVES[first.loss])
     _record_epoch(runs, pack, data, 0, 0, None)
     step, train_seconds, images = 0, 0.0, 0  # images: per run, counted on the host

@@ -176,10 +176,12 @@ def test_real_data_kaiming_learns_and_zeros_stays_at_chance(tmp_path):
 @pytest.mark.slow
 def test_precision_and_compile_options_are_recorded(tiny_data, tmp_path):
     bf16 = train(tiny(tiny_data, tmp_path, precision="bf16", epochs=1, out=str(tmp_path / "b")))
-    assert bf16["status"] == "ok"
+    plain = train(tiny(tiny_data, tmp_path, epochs=1, out=str(tmp_path / "p")))
+    # bf16 really ran in bf16 (not the same numbers as fp32), and trained alike.
+    assert bf16["status"] == "ok" and bf16["train/loss"] != plain["train/loss"]
+    assert bf16["train/loss"] == pytest.approx(plain["train/loss"], rel=0.2)  # kaiming: loss ~4
     assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "bf16"
     compiled = train(tiny(tiny_data, tmp_path, compile=True, epochs=1, out=str(tmp_path / "c")))
-    plain = train(tiny(tiny_data, tmp_path, epochs=1, out=str(tmp_path / "p")))
     assert compiled["test/acc"] == pytest.approx(plain["test/acc"], abs=0.02)
     assert json.loads((tmp_path / "c" / "config.json").read_text())["compile"] is True
     if not torch.cuda.is_available():
@@ -328,3 +330,10 @@ def test_a_device_failure_is_one_line_and_recorded(tiny_data, tmp_path, monkeypa
                              "OutOfMemoryError: CUDA out of memory. Tried to allocate 7.00 GiB\n")
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
     assert "OutOfMemoryError" in (out / "error.txt").read_text()
+
+
+def test_the_named_optimizers_and_losses_are_the_implemented_ones():
+    from initstudy import config, training
+
+    assert set(training.OPTIMIZERS) == set(config.OPTIMIZERS)
+    assert set(training.OBJECTIVES) == set(config.LOSSES)
