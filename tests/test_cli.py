@@ -49,6 +49,11 @@ def test_run_end_to_end(tiny_data, tmp_path):
     assert summary["status"] == "ok" and summary["seed"] == 3 and summary["epochs"] == 2
     config = json.loads((out / "config.json").read_text())
     assert config["scheme_params"]["std"] == 0.05 and config["batch_size"] == 50
+    # The options took effect: weights drawn with std 0.05 at init, 4 steps of 50 an epoch.
+    at_init = [json.loads(line) for line in (out / "histograms.jsonl").read_text().splitlines()
+               if json.loads(line)["epoch"] == 0 and json.loads(line)["param"] == "weight"]
+    assert all(r["std"] == pytest.approx(0.05, rel=0.1) for r in at_init) and len(at_init) == 5
+    assert summary["steps"] == 2 * 4  # 183 training images (17 held out) in batches of 50
 
 
 def test_run_says_where_the_data_came_from_and_prints_validation_and_test(tiny_data, tmp_path):
