@@ -272,9 +272,12 @@ def _torchvision(name: str, home: Path, say: Say) -> dict[str, bytes]:
     stage = _staging(home)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    chatter = io.StringIO()  # torchvision prints every mirror it tries
+    # On a terminal torchvision's download bars show; in a log its mirror chatter would not help.
+    chatter = io.StringIO()
+    quiet = not sys.stderr.isatty()
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with (contextlib.redirect_stdout(chatter) if quiet else contextlib.nullcontext()), \
+                (contextlib.redirect_stderr(chatter) if quiet else contextlib.nullcontext()):
             for train in (True, False):
                 cls(str(stage), train=train, download=True)
         raw = stage / cls.__name__ / "raw"
