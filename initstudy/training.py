@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from .model import LeNet, init_layers
 from .pack import LeNetPack
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
-from .sources import load_dataset
+from .sources import load_dataset, say_stderr
 from .tracking import Tracker, WandbMirror, check_wandb_online, wandb_mode
 
 EVAL_BATCH = 500  # images x runs per evaluation pass (a pack of K runs sees 500 // K images
@@ -129,7 +128,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     if any(c.wandb == "online" for c in configs):
         check_wandb_online()
     folders = [RunFolder(c.run_dir) for c in configs]
-    say = (lambda message: None) if first.quiet else _say
+    say = (lambda message: None) if first.quiet else say_stderr
     dataset = load_dataset(first.dataset, first.data_dir, first.strict_data, say=say)
     dataset = dataset.split_validation(first.val_size)
     if first.train_subset:
@@ -180,10 +179,6 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     for run in runs:
         run.tracker.summary(run.summary)
     return [run.summary for run in runs]
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def describe(dataset: Dataset) -> str:
