@@ -22,7 +22,7 @@ from typing import Any
 from .config import check_tune
 from .figures import figures, split_name
 from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
-from .results import Comparison, Run, comparisons, load_runs, study_tune
+from .results import Comparison, Run, compare_key, comparisons, load_runs, study_tune
 from .stats import (BOOTSTRAP_RESAMPLES, bootstrap_ci, bootstrap_diff_ci, holm, prob_beats,
                     welch_p)
 from .tuning import STABLE_WITHIN, Selection, describe_values, select
@@ -253,8 +253,6 @@ def provenance(runs: list[Run]) -> dict[str, Any]:
 
 def results_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per run for results.csv."""
-    from .results import compare_key
-
     rows = []
     for run in runs:
         row = {"run": run.path.name, "scheme": run.scheme, "seed": run.config.get("seed"),
