@@ -1,4 +1,5 @@
-"""initstudy: how weight initialisation changes the training of the seed document's LeNet.
+"""initstudy: how weight initialisation changes training, of the seed document's LeNet (the
+default model), of plain deep nets and of any model a user brings.
 
 The names below load on first use, so that reading results (``initstudy.report``) does not
 import torch.
@@ -6,7 +7,7 @@ import torch.
 
 from ._version import __version__
 
-_EXPORTS = {"RunConfig": "config", "LeNet": "model", "SCHEMES": "schemes",
+_EXPORTS = {"RunConfig": "config", "LeNet": "model", "build_model": "model", "SCHEMES": "schemes",
             "apply_scheme": "schemes", "train": "training"}
 __all__ = [*_EXPORTS, "__version__"]
 

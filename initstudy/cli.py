@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import RunConfig, options
-from .diagnostics import inspect_scheme
-from .model import LeNet, init_layers
+from .diagnostics import LAYER_STATS, inspect_scheme
+from .model import MODELS, build_model, init_layers
 from .plots import layer_pictures
 from .report import make_report
 from .errors import InitStudyError
@@ -29,7 +29,8 @@ from .tracking import check_wandb_online, wandb_mode
 from .training import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="How weight initialisation changes the training of the document's LeNet.")
+                  help="How weight initialisation changes training: the document's LeNet, "
+                       "plain deep nets, or your own model.")
 
 
 def _clean_errors(command: Callable) -> Callable:
@@ -66,6 +67,20 @@ def schemes(markdown: bool = typer.Option(False, "--markdown", help="As the Mark
                "--scheme module.path:function or --scheme path/to/file.py:function")
 
 
+@app.command()
+def models():
+    """List the built-in models and their parameters (and how to bring your own)."""
+    table = Table(title="models (--model NAME:key=value,...)")
+    for column in ("name", "what", "parameters (defaults)"):
+        table.add_column(column, overflow="fold")
+    for kind in MODELS.values():
+        table.add_row(kind.name, kind.describe,
+                      ", ".join(f"{k}={p.default} ({p.accepts})" for k, p in kind.params.items()))
+    Console(width=max(120, Console().width)).print(table)
+    typer.echo("Your own: --model module.path:Class or --model path/to/file.py:Class"
+               "[:key=value,...], mapping N x 1 x 28 x 28 images to N x 10 class scores.")
+
+
 def _option(name: str) -> Any:
     """The typer option of RunConfig's field ``name``: its default and help, and its choices
     for --help and shell completion (RunConfig.validate refuses others, in one line)."""
@@ -80,7 +95,8 @@ def _option(name: str) -> Any:
 
 
 def run(**values: Any) -> None:
-    """Train the document's LeNet once under one init scheme and record the run folder."""
+    """Train a model (the document's LeNet unless --model) once under one init scheme and
+    record the run folder."""
     config = RunConfig(**values)
     summary = train(config)
     acc = lambda key: "-" if summary[key] is None else f"{summary[key]:.4f}"
@@ -104,39 +120,41 @@ app.command()(_clean_errors(run))
 @_clean_errors
 def inspect(
     scheme: str = typer.Option(..., help="Init scheme spec."),
+    model: str = _option("model"),
     seed: int = typer.Option(0, help="Init seed."),
     dataset: str = typer.Option("mnist", help="Where the diagnostics batch comes from."),
     data_dir: Optional[str] = typer.Option(None),
     batch: int = typer.Option(256, help="Images in the diagnostics batch."),
-    layer: str = typer.Option("features.0", help="Layer to draw (--plot)."),
+    layer: Optional[str] = typer.Option(None, help="Layer to draw (--plot) [default: the "
+                                        "first]."),
     plot: Optional[Path] = typer.Option(None, help="PNG: the layer's 30-bin weight histogram "
                                         "and bias plot, beside the default init's."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the diagnostics as "
                                             "JSON (the shape of init_diagnostics.json)."),
 ) -> None:
     """Signal propagation of a freshly initialised model, without training."""
-    report, model = inspect_scheme(scheme, seed, dataset, data_dir, batch)
-    layers = [name for name, _ in init_layers(model)]
+    report, net = inspect_scheme(scheme, seed, dataset, data_dir, batch, model)
+    layers = [name for name, _ in init_layers(net)]
+    layer = layer or layers[0]
     if layer not in layers:
         raise InitStudyError(f"unknown layer '{layer}'; layers: {', '.join(layers)}")
-    table = Table(title=f"{scheme} at init, seed {seed}, {report['batch']} images of "
-                        f"{report['dataset']}")
-    for column in ("layer", "out mean", "out std", "act std", "dead frac", "grad out std",
-                   "weight grad norm"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+    table = Table(title=f"{scheme} on {model} at init, seed {seed}, {report['batch']} images "
+                        f"of {report['dataset']}")
+    for column in ("layer", *(k.replace("_", " ") for k in LAYER_STATS)):
+        table.add_column(column, justify="left" if column == "layer" else "right",
+                         no_wrap=column == "layer")
     fmt = lambda v: "-" if v is None else f"{v:.3g}"
     for row in report["layers"]:
-        table.add_row(row["name"], *(fmt(row[k]) for k in (
-            "out_mean", "out_std", "act_std", "dead_frac", "grad_out_std", "weight_grad_norm")))
-    console = Console(width=max(110, Console().width))
+        table.add_row(row["name"], *(fmt(row[k]) for k in LAYER_STATS))
+    console = Console(width=max(150, Console().width))
     console.print(table)
     console.print(f"logit std {report['logit_std']:.4g}   max prob (mean) "
                   f"{report['max_prob_mean']:.4f}   loss {report['loss']:.4f}")
     if json_out:
         write_json_atomic(json_out, report)
     if plot:
-        default = apply_scheme(LeNet(), "default", seed=seed)
-        layer_pictures({"default": default, scheme: model}, layer, plot)
+        default = apply_scheme(build_model(model), "default", seed=seed)
+        layer_pictures({"default": default, scheme: net}, layer, plot)
         console.print(f"wrote {plot}")
 
 

@@ -18,9 +18,10 @@ OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce", "prob-ce")
 # The fields that decide a run's numbers. Where the data, logs or device are is not among them,
 # so a study finds its finished runs again wherever it runs.
-RESULT_FIELDS = ("scheme", "seed", "data_seed", "dataset", "val_size", "train_subset",
-                 "subset_seed", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "loss",
-                 "precision")
+RESULT_FIELDS = ("scheme", "model", "seed", "data_seed", "dataset", "val_size", "train_subset",
+                 "subset_seed", "epochs", "batch_size", "optimizer", "lr", "momentum",
+                 "weight_decay", "loss", "precision")
+DEFAULT_MODEL = "lenet"  # the document's; runs of it keep the ids they had before models
 # What runs trained together as one pack must share: all but the scheme and the seeds.
 PACK_FIELDS = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed")) + (
     "data_dir", "strict_data", "device", "log_every", "diag_batch", "compile")
@@ -63,6 +64,10 @@ class RunConfig:
 
     scheme: str = option("default", "Init scheme spec, e.g. kaiming, normal:std=0.01, "
                          "mymodule:init_weights (initstudy schemes lists them).")
+    model: str = option(DEFAULT_MODEL, "Model spec: lenet (the document's), "
+                        "mlp:depth=D,width=W,act=relu|tanh, cnn:depth=D,channels=C,act=relu|tanh, "
+                        "or module.path:Class / file.py:Class[:key=value,...] (initstudy models "
+                        "lists them).")
     seed: int = option(0, "Init seed (and data seed unless --data-seed).")
     data_seed: int | None = option(None, "Seed of batch order and dropout (default: --seed).")
     dataset: str = option("mnist", "Dataset asked for (dataset_used records what ran).",
@@ -104,6 +109,7 @@ class RunConfig:
     dataset_used: str | None = None
     device_used: str | None = None
     scheme_params: dict[str, Any] | None = None
+    model_params: dict[str, Any] | None = None
     env: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -114,19 +120,23 @@ class RunConfig:
         """The fields every summary.json begins with, whoever writes it (the trainer, or a
         sweep recording a run that could not)."""
         return {"status": status, "run_name": self.run_name, "scheme": self.scheme,
-                "seed": self.seed, "data_seed": self.effective_data_seed, "dataset": dataset,
+                "model": self.model, "seed": self.seed, "data_seed": self.effective_data_seed, "dataset": dataset,
                 "epochs": self.epochs}
 
     @property
     def run_name(self) -> str:
-        """``<scheme>-s<seed>``, with the spec made safe for a folder name."""
-        return f"{slug(self.scheme)}-s{self.seed}"
+        """``<scheme>-s<seed>`` (``<model>-<scheme>-s<seed>`` for a model but the LeNet), with
+        the specs made safe for a folder name."""
+        model = "" if self.model == DEFAULT_MODEL else f"{slug(self.model)}-"
+        return f"{model}{slug(self.scheme)}-s{self.seed}"
 
     @property
     def run_id(self) -> str:
         """``<run name>-<8 hex>``: stable for the same result-deciding fields (RESULT_FIELDS)."""
         fields = {f: getattr(self, f) for f in RESULT_FIELDS}
         fields["data_seed"] = self.effective_data_seed  # None and seed are the same run
+        if self.model == DEFAULT_MODEL:
+            del fields["model"]
         key = json.dumps(fields, sort_keys=True)
         return f"{self.run_name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
@@ -167,7 +177,7 @@ class RunConfig:
 
 
 def slug(spec: str) -> str:
-    """A folder-safe form of a scheme spec: ``normal:std=0.01`` -> ``normal-std=0.01``."""
+    """A folder-safe form of a spec: ``normal:std=0.01`` -> ``normal-std=0.01``."""
     target, sep, rest = spec.partition(":")
     if target.endswith(".py"):
         target = Path(target).stem  # a file path would nest folders

@@ -11,81 +11,88 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import LeNet, init_layers
+from .model import build_model, calls, init_layers, reference_scores
 from .runfolder import HISTOGRAM_BINS
 
 DIAG_SEED = 0  # the init diagnostics batch: the same images for every run of a dataset
 
 
-def init_diagnostics(model: LeNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+# Per layer, in this order (``initstudy inspect`` prints them as columns).
+LAYER_STATS = ("out_mean", "out_std", "signal_std", "act_std", "dead_frac", "saturated_frac", "grad_out_std",
+               "weight_grad_norm")
+SATURATED = 0.99  # |tanh| at or above this counts as saturated (its slope is below 0.02)
+ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
+               nn.Softplus, nn.SELU)
+
+
+def init_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Forward and backward statistics of ``model`` on one batch, before any step.
 
     Returns ``{"layers": [...], "logit_std", "max_prob_mean", "loss", "batch"}`` with one entry
-    per Conv2d/Linear in forward order: ``name``, ``out_mean`` and ``out_std`` (the layer's
-    output before its activation), ``act_std`` (after the ReLU that follows, None where none
-    does), ``dead_frac`` (fraction of ReLU units, channel x position, that are zero for the whole
-    batch), ``grad_out_std`` (std of the loss gradient w.r.t. the layer's output) and
-    ``weight_grad_norm``. The loss is the cross-entropy from the logits; dropout is off (eval
-    mode) so the numbers do not depend on a dropout draw. ``model`` itself is not touched: the
-    measurement runs on a copy whose ReLUs are not in place, so outputs survive to be measured.
+    per Conv2d/Linear in the order the forward pass calls them: ``name``, and ``LAYER_STATS``:
+    ``out_mean``/``out_std`` (the layer's output, before its activation), ``signal_std`` (the
+    part of it that depends on the input: each unit's std over the batch, root-mean-square
+    over units, so a bias that is the same for every image does not count), ``act_std`` (after
+    the activation module called next, None where none is), ``dead_frac`` (after a ReLU: the
+    fraction of units, channel x position, zero for the whole batch), ``saturated_frac`` (after
+    a tanh: the fraction of values with |tanh| >= SATURATED), ``grad_out_std`` (std of the loss
+    gradient w.r.t. the layer's output) and ``weight_grad_norm``. Everything is seen through
+    forward hooks on the model's own forward (``reference_scores``). The loss is the
+    cross-entropy from the scores; dropout is off (eval mode). ``model`` itself is not touched:
+    the measurement runs on a copy whose activations are not in place, so outputs survive.
     """
     probe = copy.deepcopy(model).eval()
     for module in probe.modules():
-        if isinstance(module, nn.ReLU):
+        if getattr(module, "inplace", False):
             module.inplace = False
-    layers = init_layers(probe)
-    relu_after = _relu_after(probe)
-    outputs: dict[str, torch.Tensor] = {}
-    activations: dict[str, torch.Tensor] = {}
-    grad_stds: dict[str, float] = {}
-    hooks = []
-    for name, layer in layers:
-        def keep(module, inputs, output, name=name):
-            outputs[name] = output.detach()
-            # The gradient's std is read as it passes; retaining whole gradients costs memory.
-            output.register_hook(lambda grad, name=name: grad_stds.__setitem__(
-                name, grad.std().item()))
-        hooks.append(layer.register_forward_hook(keep))
-        if name in relu_after:
-            hooks.append(relu_after[name].register_forward_hook(
-                lambda module, inputs, output, name=name: activations.__setitem__(name, output)))
+    layers = dict(init_layers(probe))
+    grad_stds: dict[nn.Module, float] = {}
+
+    def run() -> torch.Tensor:
+        return reference_scores(probe, x)
+
+    def watch(module, inputs, output):
+        if module in grad_stds or not output.requires_grad:
+            return
+        grad_stds[module] = math.nan  # the gradient's std is read as it passes (memory)
+        output.register_hook(lambda grad: grad_stds.__setitem__(module, grad.std().item()))
+
+    probe.zero_grad(set_to_none=True)
+    hooks = [m.register_forward_hook(watch) for m in layers.values()]
     try:
-        probe.zero_grad(set_to_none=True)
-        logits = probe.document_logits(x)  # the ReLUs must see the convs' whole outputs
-        loss = F.cross_entropy(logits, y)
+        scores: list[torch.Tensor] = []
+        met = calls(probe, lambda: scores.append(run()))
+        loss = F.cross_entropy(scores[0], y)
         loss.backward()
     finally:
         for hook in hooks:
             hook.remove()
-    report = []
-    for name, layer in layers:
-        out = outputs[name]
-        act = activations.get(name)
+    report, done = [], set()
+    for i, (name, module, out) in enumerate(met):
+        if module not in layers.values() or module in done:
+            continue
+        done.add(module)
+        after = met[i + 1][1] if i + 1 < len(met) else None  # the module called next
+        act = met[i + 1][2].detach() if isinstance(after, ACTIVATIONS) else None
+        grad = module.weight.grad
         report.append({
             "name": name,
             "out_mean": out.mean().item(),
             "out_std": out.std().item(),
-            "act_std": act.detach().std().item() if act is not None else None,
-            "dead_frac": ((act.detach() == 0).all(0).float().mean().item()
-                          if act is not None else None),
-            "grad_out_std": grad_stds[name],
-            "weight_grad_norm": torch.linalg.vector_norm(layer.weight.grad).item(),
+            "signal_std": out.detach().var(0).mean().sqrt().item(),
+            "act_std": act.std().item() if act is not None else None,
+            "dead_frac": ((act == 0).all(0).float().mean().item()
+                          if isinstance(after, nn.ReLU) else None),
+            "saturated_frac": ((act.abs() >= SATURATED).float().mean().item()
+                               if isinstance(after, nn.Tanh) else None),
+            "grad_out_std": grad_stds.get(module, math.nan),
+            "weight_grad_norm": (torch.linalg.vector_norm(grad).item() if grad is not None
+                                 else None),
         })
-    logits = logits.detach()
+    logits = scores[0].detach()
     return {"layers": report, "logit_std": logits.std().item(),
             "max_prob_mean": logits.softmax(-1).max(-1).values.mean().item(),
             "loss": loss.item(), "batch": len(y)}
-
-
-def _relu_after(model: nn.Module) -> dict[str, nn.ReLU]:
-    """For each Conv2d/Linear, the ReLU that follows it in its Sequential, if one does."""
-    found = {}
-    for seq_name, seq in model.named_children():
-        children = list(seq.named_children()) if isinstance(seq, nn.Sequential) else []
-        for (name, module), (_, following) in zip(children, children[1:]):
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(following, nn.ReLU):
-                found[f"{seq_name}.{name}"] = following
-    return found
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,19 +114,20 @@ def weight_dynamics(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[s
 
 
 def inspect_scheme(spec: str, seed: int = 0, dataset: str = "mnist", data_dir: str | None = None,
-                   batch: int = 256) -> tuple[dict[str, Any], LeNet]:
-    """The init diagnostics of a freshly initialised LeNet, on the same fixed batch of training
-    images as a run's ``init_diagnostics.json``; returns (report, model)."""
+                   batch: int = 256, model: str = "lenet") -> tuple[dict[str, Any], nn.Module]:
+    """The init diagnostics of a freshly initialised ``model`` (a model spec), on the same fixed
+    batch of training images as a run's ``init_diagnostics.json``; returns (report, model)."""
     from .data import random_batch
     from .sources import load_dataset
     from .schemes import apply_scheme
 
     data = load_dataset(dataset, data_dir).split_validation(None)  # a default run's train set
     draw = lambda n: random_batch(data.train_images, data.train_labels, data.name, n)[0]
-    model = apply_scheme(LeNet(), spec, seed=seed, data=draw)
+    net = apply_scheme(build_model(model), spec, seed=seed, data=draw)
     x, y = random_batch(data.train_images, data.train_labels, data.name, batch,
                         torch.Generator().manual_seed(DIAG_SEED))
-    return init_diagnostics(model, x, y) | {"scheme": spec, "dataset": data.name}, model
+    return init_diagnostics(net, x, y) | {"scheme": spec, "model": model,
+                                          "dataset": data.name}, net
 
 
 def histogram(name: str, param: str, values: torch.Tensor) -> dict[str, Any]:

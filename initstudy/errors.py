@@ -19,3 +19,7 @@ class ConfigError(InitStudyError):
 
 class RunFailed(InitStudyError):
     """A run crashed while training; its folder holds status ``failed`` and ``error.txt``."""
+
+
+class ModelError(InitStudyError):
+    """An unknown model, parameter or value, or a user's model that does not fit the seam."""

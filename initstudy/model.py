@@ -1,7 +1,36 @@
-"""The LeNet of the seed document, kept verbatim so its printout and state_dict match."""
+"""The models a run can train, and the seam every model meets.
+
+A model spec names one, as schemes are named (``initstudy models`` lists them):
+
+- ``lenet``: the seed document's LeNet, verbatim (its printout and state_dict match), the
+  default;
+- ``mlp:depth=D,width=W,act=relu|tanh``: D Linear layers, no normalisation, no dropout;
+- ``cnn:depth=D,channels=C,act=relu|tanh``: D 3x3 convolutions (padding 1), no
+  normalisation, then one Linear classifier;
+- ``module.path:Class`` or ``path/to/file.py:Class`` (``...:Class:key=value,...`` for its
+  arguments): the user's own, built with ``Class(**params)``.
+
+The seam: a model maps N x 1 x 28 x 28 images (``INPUT_SHAPE``) to N x 10 class scores (its
+forward's output; the LeNet's pre-softmax scores, ``reference_scores``); the layers an init
+acts on are its Conv2d and Linear modules (``init_layers``); its dropout is its ``nn.Dropout``
+modules, whose masks a trainer may draw itself (``dropout_shapes``). Everything else
+(diagnostics, LSUV, the trainer) sees a model through forward hooks and these functions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+
+from .errors import ModelError
+from .specs import (Param, choice, is_user_spec, literal_params, load_attr, parse_params,
+                    positive_integer)
+
+INPUT_SHAPE = (1, 28, 28)  # channels, height, width: what every model takes
+CLASSES = 10
 
 
 class LeNet(nn.Module):
@@ -41,8 +70,7 @@ class LeNet(nn.Module):
         looking inside (every ReLU sees its conv's full output). Training uses ``logits``."""
         return self.classifer[:-1](self.features(nn.ZeroPad2d((2, 2, 2, 2))(x)))
 
-    def logits(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None,
-               chunk: int | None = None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Everything but the final Softmax: the pre-softmax scores a stable loss needs.
 
         The document's layers, with each max-pool applied before the ReLU in front of it: a
@@ -50,8 +78,6 @@ class LeNet(nn.Module):
         same numbers (both pass through each window's arg-max, and are zero where its maximum
         is <= 0), while the ReLU touches a quarter of them.
 
-        ``dropout_mask`` (batch x 84, already scaled by 1/(1-p)), when given, replaces the
-        Dropout layer's own draw, so that a trainer can draw masks from a run's own generator.
         ``chunk``: run the first conv and its pooling on this many images at a time. Its
         output is 0.4 MB per image, 51 MB for a batch of 128, more than a CPU's cache; in
         chunks it is pooled while still cached. The same numbers, but for the order in which
@@ -64,12 +90,198 @@ class LeNet(nn.Module):
         else:
             x = relu1(pool1(conv1(x)))
         x = relu3(conv3(relu2(pool2(conv2(x)))))
-        for layer in self.classifer[:-1]:
-            x = x * dropout_mask if dropout_mask is not None and isinstance(
-                layer, nn.Dropout) else layer(x)
-        return x
+        return self.classifer[:-1](x)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    """``depth`` Linear layers, ``width`` units wide, the activation after each but the last;
+    no normalisation, no dropout: the plain deep nets of Glorot & Bengio and He et al."""
+
+    def __init__(self, depth: int = 3, width: int = 256, act: str = "relu"):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = INPUT_SHAPE[0] * INPUT_SHAPE[1] * INPUT_SHAPE[2]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(fan_in, width), ACTIVATIONS[act]()]
+            fan_in = width
+        layers.append(nn.Linear(fan_in, CLASSES))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PlainCNN(nn.Module):
+    """``depth`` 3x3 convolutions of ``channels`` channels (padding 1, so every layer sees
+    28x28), the activation after each, then one Linear classifier; no normalisation, no
+    pooling, no dropout."""
+
+    def __init__(self, depth: int = 5, channels: int = 16, act: str = "relu"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = INPUT_SHAPE[0]
+        for _ in range(depth):
+            layers += [nn.Conv2d(in_channels, channels, 3, padding=1), ACTIVATIONS[act]()]
+            in_channels = channels
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * INPUT_SHAPE[1] * INPUT_SHAPE[2], CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A built-in model: its class, what it is (for ``initstudy models``), its parameters."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    describe: str
+    params: dict[str, Param]
+
+
+_ACT = Param("relu", choice(*ACTIVATIONS), " or ".join(ACTIVATIONS))
+MODELS = {kind.name: kind for kind in (
+    ModelKind("lenet", LeNet, "the seed document's LeNet: 3 convs 5x5 of 128 channels, "
+              "2 Linear, dropout 0.1, softmax output (verbatim)", {}),
+    ModelKind("mlp", MLP, "plain MLP: depth Linear layers of width units, act between them",
+              {"depth": Param(3, positive_integer, "a positive integer (Linear layers)"),
+               "width": Param(256, positive_integer, "a positive integer (units)"),
+               "act": _ACT}),
+    ModelKind("cnn", PlainCNN, "plain CNN: depth 3x3 convs of channels channels, act after "
+              "each, then a Linear classifier",
+              {"depth": Param(5, positive_integer, "a positive integer (conv layers)"),
+               "channels": Param(16, positive_integer, "a positive integer"),
+               "act": _ACT}),
+)}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A parsed model spec: its name, every parameter (defaults filled in), its builder."""
+
+    spec: str
+    name: str
+    params: dict[str, Any]
+    make: Callable[[], Any]
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Parse a model spec (see the module docstring); ModelError lists what is accepted."""
+    spec = spec.strip()
+    name, _, rest = spec.partition(":")
+    if name in MODELS:
+        kind = MODELS[name]
+        params = parse_params("model", name, kind.params, rest, ModelError)
+        return ResolvedModel(spec, name, params, lambda: kind.build(**params))
+    unknown = (f"unknown model '{name}'; known models: {', '.join(MODELS)}; or "
+               f"module.path:Class / file.py:Class[:key=value,...] for your own")
+    attr, _, args = rest.partition(":")
+    if not is_user_spec(attr):
+        raise ModelError(unknown)
+    cls = load_attr(name, attr, unknown, ModelError)
+    if not callable(cls):
+        raise ModelError(f"{name}:{attr} is not a class")
+    params = literal_params(args, f"model {name}:{attr}", ModelError)
+    return ResolvedModel(spec, f"{name}:{attr}", params, lambda: cls(**params))
+
+
+def build_model(spec: str) -> nn.Module:
+    """A fresh model from its spec (default init), checked against the seam: an nn.Module
+    mapping N x 1 x 28 x 28 images to N x 10 scores, with a Conv2d or Linear layer and no
+    dropout but nn.Dropout; anything else is one ModelError saying what came out."""
+    resolved = resolve_model(spec)
+    try:
+        model = resolved.make()
+    except Exception as exc:
+        raise ModelError(f"cannot build model '{spec}': {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model '{spec}' built a {type(model).__name__}, not a torch.nn.Module")
+    if not init_layers(model):
+        raise ModelError(f"model '{spec}' has no Conv2d or Linear layer for a scheme to act on")
+    other = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+             and type(m) is not nn.Dropout]
+    if other:
+        raise ModelError(f"model '{spec}': only nn.Dropout is supported (each run draws its "
+                         f"own element-wise masks); {other[0]} is a "
+                         f"{type(model.get_submodule(other[0])).__name__}")
+    x = torch.zeros(2, *INPUT_SHAPE)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:
+        raise ModelError(f"model '{spec}' fails on a batch of 2 x {' x '.join(map(str, INPUT_SHAPE))} "
+                         f"images: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, CLASSES):
+        got = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+               else f"a {type(out).__name__}")
+        raise ModelError(f"model '{spec}' must map N x {' x '.join(map(str, INPUT_SHAPE))} "
+                         f"images to N x {CLASSES} class scores; for N = 2 it returned {got}")
+    return model
+
+
+def reference_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own forward as class scores: the LeNet's layers in the document's order
+    less its final Softmax (every ReLU sees its conv's whole output); any other model's
+    ``forward``. For looking inside: diagnostics and LSUV."""
+    return model.document_logits(x) if isinstance(model, LeNet) else model(x)
+
+
+def train_scores(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The class scores training uses: the LeNet's fast path (``LeNet.logits``, its first
+    conv in chunks of ``chunk`` images), any other model's ``forward``."""
+    return model.logits(x, chunk) if isinstance(model, LeNet) else model(x)
 
 
 def init_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs an init scheme acts on: every Conv2d and Linear, in forward order."""
+    """The (name, module) pairs an init scheme acts on: every Conv2d and Linear, in the order
+    the model registers them (``forward_layers`` gives the order a forward pass meets them)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def calls(model: nn.Module, run: Callable[[], Any],
+          keep: Callable[[nn.Module], bool] = lambda m: True) -> list[tuple[str, nn.Module, Any]]:
+    """(name, module, output) of every leaf module that ``keep`` accepts, in the order ``run()``
+    calls them: the seam's view of a forward pass, through forward hooks."""
+    seen: list[tuple[str, nn.Module, Any]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, out, name=n: seen.append((name, mod, out)))
+             for n, m in model.named_modules() if not list(m.children()) and keep(m)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def forward_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """The init layers in the order a forward pass on ``x`` first calls them (LSUV's order)."""
+    layers = dict(init_layers(model))
+    with torch.no_grad():
+        met = calls(model, lambda: reference_scores(model, x), lambda m: m in layers.values())
+    return list(dict.fromkeys((name, module) for name, module, _ in met))
+
+
+def dropout_shapes(model: nn.Module) -> list[tuple[str, float, tuple[int, ...]]]:
+    """(name, p, shape of one image's mask) of each nn.Dropout, in the order the training
+    forward calls them: the masks a trainer draws for a batch (the LeNet: one, 84 units)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            met = calls(model.eval(), lambda: train_scores(model, torch.zeros(1, *INPUT_SHAPE)),
+                        lambda m: isinstance(m, nn.Dropout))
+    finally:
+        model.train(was_training)
+    names = [name for name, _, _ in met]
+    again = [name for i, name in enumerate(names) if name in names[:i]]
+    if again:
+        raise ModelError(f"dropout {again[0]} is called more than once per forward pass; "
+                         f"each call needs its own mask")
+    return [(name, module.p, tuple(out.shape[1:])) for name, module, out in met]

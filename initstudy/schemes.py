@@ -24,65 +24,32 @@ generator seeded by that seed alone, and the caller's RNG state is left as it wa
 from __future__ import annotations
 
 import contextlib
-
-import importlib
-import importlib.util
 import math
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from .errors import SchemeError
-from .model import init_layers
-
-
-@dataclass(frozen=True)
-class Param:
-    """One scheme parameter: its default (``None``: required), a parser and what it accepts."""
-
-    default: Any
-    parse: Callable[[str], Any]
-    accepts: str
-
-
-def _number(text: str) -> float:
-    value = float(text)  # ValueError on junk: reported with the Param's `accepts`
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def _integer(text: str) -> int:
-    return int(text)
-
-
-def _choice(*options: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in options:
-            raise ValueError(text)
-        return text
-
-    return parse
+from .model import forward_layers, reference_scores
+from .specs import (Param, choice, integer, is_user_spec, load_attr, number, parse_params,
+                    positive_integer)
 
 
 def _bias_policy(text: str) -> float | str:
     if text in ("zeros", "keep"):
         return text
-    return _number(text)
+    return number(text)
 
 
 def _float(default: float | None) -> Param:
-    return Param(default, _number, "a number")
+    return Param(default, number, "a number")
 
 
 BIAS = Param("zeros", _bias_policy, "zeros, keep or a number")
 POLICY = "policy (bias=zeros)"
-FAN_MODE = Param("fan_in", _choice("fan_in", "fan_out"), "fan_in or fan_out")
+FAN_MODE = Param("fan_in", choice("fan_in", "fan_out"), "fan_in or fan_out")
 NONLINEARITIES = ("linear", "conv2d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
 
 
@@ -173,7 +140,7 @@ _register("eye", _weight_init(_identity), "dirac_ (eye_ is 2-D only)", "eye_: id
           POLICY, bias=BIAS)
 _register("dirac", _weight_init(_identity), "dirac_: centre tap 1 for channel i -> i",
           "eye_ (dirac_ is 3-5-D only)", POLICY,
-          groups=Param(1, _integer, "a positive integer dividing out_channels"), bias=BIAS)
+          groups=Param(1, integer, "a positive integer dividing out_channels"), bias=BIAS)
 for _name, _fill in (("xavier", nn.init.xavier_uniform_),
                      ("xavier_uniform", nn.init.xavier_uniform_),
                      ("xavier_normal", nn.init.xavier_normal_)):
@@ -185,7 +152,7 @@ for _name, _fill, _nonlinearity in (("kaiming", nn.init.kaiming_normal_, "relu")
                                     ("kaiming_normal", nn.init.kaiming_normal_, "leaky_relu")):
     _doc = _KAIMING_DOC.format(dist="normal" if _fill is nn.init.kaiming_normal_ else "uniform")
     _register(_name, _weight_init(_fill), _doc, _doc, POLICY, a=_float(0.0), mode=FAN_MODE,
-              nonlinearity=Param(_nonlinearity, _choice(*NONLINEARITIES),
+              nonlinearity=Param(_nonlinearity, choice(*NONLINEARITIES),
                                  " | ".join(NONLINEARITIES)),
               bias=BIAS)
 _register("orthogonal", _weight_init(nn.init.orthogonal_),
@@ -198,11 +165,12 @@ _register("sparse", _weight_init(_sparse), "sparse_ on the (out, in*kh*kw) view"
 
 
 def _output_var(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> float:
-    """Variance of ``layer``'s output on ``images`` (read in the hook, before an in-place ReLU)."""
+    """Variance of ``layer``'s output on ``images`` (read in the hook, before an in-place
+    activation; its first call, where a forward calls it more than once)."""
     seen = []
     hook = layer.register_forward_hook(lambda m, i, out: seen.append(out.var().item()))
     try:
-        model.logits(images)
+        reference_scores(model, images)
     finally:
         hook.remove()
     return seen[0]
@@ -213,7 +181,7 @@ def _lsuv(model: nn.Module, images: torch.Tensor, tol: float, max_iter: int) -> 
     std of the layer's output on the batch until its variance is within ``tol`` of 1."""
     was_training = model.training
     model.eval()  # no dropout: the same batch gives the same variance
-    for _, layer in init_layers(model):
+    for _, layer in forward_layers(model, images):
         for _ in range(max_iter):
             var = _output_var(model, layer, images)
             if abs(var - 1) < tol or not math.isfinite(var) or var == 0:
@@ -225,8 +193,8 @@ def _lsuv(model: nn.Module, images: torch.Tensor, tol: float, max_iter: int) -> 
 _register("lsuv", _weight_init(nn.init.orthogonal_),
           "orthogonal_, then scaled until the output variance on a data batch is 1",
           "same as conv", "zeros", data_init=_lsuv,
-          tol=_float(0.1), max_iter=Param(10, _integer, "a positive integer"),
-          batch=Param(256, _integer, "a positive integer (images)"))
+          tol=_float(0.1), max_iter=Param(10, positive_integer, "a positive integer"),
+          batch=Param(256, positive_integer, "a positive integer (images)"))
 
 # The six schemes a study compares unless told otherwise.
 DEFAULT_SCHEMES = ("default", "normal", "xavier", "kaiming", "orthogonal", "custom")
@@ -247,68 +215,13 @@ def _known() -> str:
     return ", ".join(SCHEMES)
 
 
-def _load_user_function(target: str, attr: str) -> Callable[[nn.Module], None]:
-    """Import ``attr`` from a module path or a .py file, as a ``model.apply`` function."""
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise SchemeError(f"init function file not found: {target}")
-        spec = importlib.util.spec_from_file_location(f"initstudy_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            raise SchemeError(f"cannot load {target}: {type(exc).__name__}: {exc}") from exc
-    else:
-        # Console scripts do not put the working directory on sys.path; a user's module
-        # next to them is what `mymodule:init_weights` means.
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:
-            raise SchemeError(
-                f"unknown scheme '{target}' and no importable module of that name "
-                f"({type(exc).__name__}: {exc}); known schemes: {_known()}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise SchemeError(f"{target} has no function '{attr}'")
-    return fn
-
-
-def _parse_params(scheme: Scheme, text: str) -> dict[str, Any]:
-    given: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
-        key, eq, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if key not in scheme.params:
-            accepted = ", ".join(scheme.params) or "none"
-            raise SchemeError(f"scheme '{scheme.name}' has no parameter '{key}' "
-                              f"(parameters: {accepted})")
-        param = scheme.params[key]
-        if not eq:
-            raise SchemeError(f"parameter '{key}' of '{scheme.name}' needs a value: "
-                              f"{key}=<{param.accepts}>")
-        try:
-            given[key] = param.parse(raw)
-        except ValueError:
-            raise SchemeError(f"bad value '{raw}' for '{key}' of scheme '{scheme.name}': "
-                              f"expected {param.accepts}") from None
-    params = {k: given.get(k, p.default) for k, p in scheme.params.items()}
-    missing = [k for k, v in params.items() if v is None]
-    if missing:
-        raise SchemeError(f"scheme '{scheme.name}' needs {', '.join(missing)} "
-                          f"(e.g. {scheme.name}:{missing[0]}=0.1)")
-    return params
-
-
 def resolve(spec: str) -> ResolvedScheme:
     """Parse a spec string (see the module docstring); raise SchemeError listing what is accepted."""
     spec = spec.strip()
     name, _, rest = spec.partition(":")
     if name in SCHEMES:
         scheme = SCHEMES[name]
-        params = _parse_params(scheme, rest)
+        params = parse_params("scheme", name, scheme.params, rest, SchemeError)
 
         layer_params = {k: v for k, v in params.items()
                         if scheme.data_init is None or k == "bias"}
@@ -318,10 +231,14 @@ def resolve(spec: str) -> ResolvedScheme:
                 scheme.init(module, **layer_params)
 
         return ResolvedScheme(name, params, apply_fn, scheme.data_init)
-    if rest and "=" not in rest and rest.isidentifier():
-        return ResolvedScheme(spec, {}, _load_user_function(name, rest))
-    raise SchemeError(f"unknown scheme '{name}'; known schemes: {_known()}; "
-                      f"or module.path:function / file.py:function for your own")
+    unknown = (f"unknown scheme '{name}'; known schemes: {_known()}; "
+               f"or module.path:function / file.py:function for your own")
+    if is_user_spec(rest):
+        fn = load_attr(name, rest, unknown, SchemeError)
+        if not callable(fn):
+            raise SchemeError(f"{name}:{rest} is not a function")
+        return ResolvedScheme(spec, {}, fn)
+    raise SchemeError(unknown)
 
 
 @contextlib.contextmanager

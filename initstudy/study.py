@@ -1,7 +1,8 @@
 """Study files: a grid of runs from a TOML file, and where each planned run stands.
 
 A study file names the study, the schemes (spec strings), the seeds (a count or a list) and any
-run option by its ``RunConfig`` field name; a list value on an option is an axis of the grid.
+run option by its ``RunConfig`` field name (``model`` too); a list value on an option is an
+axis of the grid.
 ``[[grid]]`` tables, when present, are grids of their own that share the top-level options
 (each scheme its own range of learning rates, say); the study is all of them. ``tune`` names
 the options a report tunes per scheme (``report --tune``). Every scheme spec and option is
@@ -25,10 +26,12 @@ from typing import Any
 from .config import PACK_FIELDS, RunConfig, check_tune
 from .errors import InitStudyError
 from .runfolder import FINISHED
+from .model import resolve_model
 from .schemes import resolve
 
 # Options a study may not set: each run's folder and the trainer's own records.
-NOT_STUDY_OPTIONS = ("out", "quiet", "group", "dataset_used", "device_used", "scheme_params", "env")
+NOT_STUDY_OPTIONS = ("out", "quiet", "group", "dataset_used", "device_used", "scheme_params",
+                     "model_params", "env")
 STUDY_OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
                       if f.name not in NOT_STUDY_OPTIONS)
 STUDY_KEYS = ("name", "tune", "grid")  # the study's own keys, besides schemes, seeds and options
@@ -71,7 +74,7 @@ def tune_options(spec: dict[str, Any]) -> list[str]:
 def expand(spec: dict[str, Any]) -> list[RunConfig]:
     """The runs of a study spec: each grid (the top level, or each ``[[grid]]`` table over the
     top-level options) expanded schemes x every list-valued option x seeds, in that order.
-    Every scheme spec and option is checked here, before anything runs."""
+    Every scheme and model spec and every option is checked here, before anything runs."""
     tune_options(spec)
     spec = {k: v for k, v in spec.items() if k not in ("name", "tune")}
     grids = spec.pop("grid", None)
@@ -89,9 +92,10 @@ def expand(spec: dict[str, Any]) -> list[RunConfig]:
     ids = [c.run_id for c in runs]
     if len(set(ids)) != len(ids):
         raise StudyError("the grid repeats a run (the same options twice in a list)")
-    for spec_text in dict.fromkeys(c.scheme for c in runs):
+    specs = [(resolve, c.scheme) for c in runs] + [(resolve_model, c.model) for c in runs]
+    for check, spec_text in dict.fromkeys(specs):
         try:
-            resolve(spec_text)
+            check(spec_text)
         except InitStudyError as exc:
             raise StudyError(str(exc)) from None
     return runs

@@ -21,8 +21,8 @@ from .diagnostics import DIAG_SEED, init_diagnostics, snapshot, weight_dynamics
 from .environment import (HEAP_KEEP, environment, hold_freed_memory, numerics, on_device,
                           resolve_device)
 from .errors import ConfigError, InitStudyError, RunFailed
-from .model import LeNet, init_layers
-from .pack import LeNetPack
+from .model import INPUT_SHAPE, build_model, init_layers, resolve_model
+from .pack import Pack
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset, say_stderr
@@ -55,7 +55,7 @@ OPTIMIZERS: dict[str, Callable[[list, RunConfig], torch.optim.Optimizer]] = {
 
 
 @torch.no_grad()
-def evaluate(pack: LeNetPack, images: torch.Tensor, labels: torch.Tensor,
+def evaluate(pack: Pack, images: torch.Tensor, labels: torch.Tensor,
              dataset: str) -> list[tuple[float, float]]:
     """(loss, accuracy) of each model of the pack over a whole split, in eval mode; (None,
     None) for an empty split. The loss is always the true cross-entropy of the predicted
@@ -74,7 +74,7 @@ def evaluate(pack: LeNetPack, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train(config: RunConfig) -> dict[str, Any]:
-    """Train LeNet as ``config`` says and return the summary (the dict in ``summary.json``).
+    """Train the model as ``config`` says and return the summary (the dict in ``summary.json``).
 
     Bad options, data or devices (and wandb online without a key or network) raise
     ``InitStudyError`` before anything trains. A non-finite loss ends the run with status
@@ -106,7 +106,7 @@ class _Run:
 
 
 def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
-    """Train several runs at once, vectorised over the runs (``LeNetPack``), and return their
+    """Train several runs at once, vectorised over the runs (``Pack``), and return their
     summaries in order. The runs may differ only in scheme and seeds (``PACK_FIELDS``); each
     gets its own init, data order, dropout masks and run folder, with the same results as
     training it alone (to float tolerance). Errors as for ``train``; a crash fails every run
@@ -120,6 +120,9 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
             raise ConfigError(f"runs trained as one pack must differ only in scheme and seeds; "
                               f"'{f}' differs")
     schemes = [resolve(c.scheme) for c in configs]  # a bad spec fails before disk or data
+    model = resolve_model(first.model)
+    with torch.random.fork_rng(devices=[]):  # building draws; the caller's RNG stays as it was
+        build_model(first.model)  # a model that does not fit the seam fails before disk or data
     device = resolve_device(first.device)
     if first.precision == "tf32" and device.type != "cuda":
         raise ConfigError("precision tf32 needs a CUDA device; use fp32 or bf16 on the CPU")
@@ -144,7 +147,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     runs = []
     for config, scheme, folder in zip(configs, schemes, folders):
         config.dataset_used, config.device_used = dataset.name, str(device)
-        config.scheme_params, config.env = scheme.params, env
+        config.scheme_params, config.model_params, config.env = scheme.params, model.params, env
         folder.write_config(config.to_dict())
         mirror = WandbMirror(config, scheme.name) if config.wandb != "disabled" else None
         summary = config.summary_head("running", dataset.name)
@@ -190,7 +193,7 @@ def describe(dataset: Dataset) -> str:
             f"{sizes['val']:,} validation / {sizes['test']:,} test images")
 
 
-def init_models(configs: list[RunConfig], data: Dataset) -> list[LeNet]:
+def init_models(configs: list[RunConfig], data: Dataset) -> list[torch.nn.Module]:
     """Each run's initialised model, made on the CPU in fp32 (``apply_scheme``) from the data
     held on the CPU, so that a seed gives the same weights whatever device and precision the
     run then trains with."""
@@ -200,10 +203,11 @@ def init_models(configs: list[RunConfig], data: Dataset) -> list[LeNet]:
     def draw(count: int) -> torch.Tensor:  # for data-dependent inits, seeded by apply_scheme
         return random_batch(data.train_images, data.train_labels, data.name, count)[0]
 
-    return [apply_scheme(LeNet(), c.scheme, seed=c.seed, data=draw) for c in configs]
+    return [apply_scheme(build_model(c.model), c.scheme, seed=c.seed, data=draw)
+            for c in configs]
 
 
-def _diagnose(runs: list[_Run], models: list[LeNet], data: Dataset, images: int) -> None:
+def _diagnose(runs: list[_Run], models: list[torch.nn.Module], data: Dataset, images: int) -> None:
     """Record each run's init diagnostics on a fixed batch of training images."""
     x, y = random_batch(data.train_images, data.train_labels, data.name, images,
                         torch.Generator().manual_seed(DIAG_SEED))
@@ -211,13 +215,14 @@ def _diagnose(runs: list[_Run], models: list[LeNet], data: Dataset, images: int)
         run.tracker.init_diagnostics(init_diagnostics(model, x, y))
 
 
-def _fit(runs: list[_Run], data: Dataset, device: torch.device, models: list[LeNet]) -> None:
+def _fit(runs: list[_Run], data: Dataset, device: torch.device,
+         models: list[torch.nn.Module]) -> None:
     """The training loop over a pack. Losses stay on the device and are read once per
     ``log_every`` steps, so the hot path never waits for the host."""
     started = time.perf_counter()
     first = runs[0].config
     k_runs, n = len(runs), len(data.train_labels)
-    pack = LeNetPack(models, compile=first.compile)
+    pack = Pack(models, compile=first.compile)
     layers = [name for name, _ in init_layers(models[0])]
     for run in runs:
         seed = run.config.effective_data_seed
@@ -229,7 +234,6 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device, models: list[LeN
     step, train_seconds, images = 0, 0.0, 0  # images: per run, counted on the host
     window = torch.zeros(k_runs, first.log_every, device=device)  # losses since last record
     steps_per_epoch = -(-n // first.batch_size)
-    keep = 1 - pack.dropout_p
 
     def flush(filled: int) -> None:
         """Record each live run's mean loss over the window and its weight-gradient norms (of
@@ -261,11 +265,9 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device, models: list[LeN
                 idx = order[:, start:start + first.batch_size]  # K x B
                 batch = idx.shape[1]
                 x = normalise(data.train_images[idx.flatten()], data.name).view(
-                    k_runs, batch, 1, 28, 28)
+                    k_runs, batch, *INPUT_SHAPE)
                 y = data.train_labels[idx]
-                masks = torch.stack([torch.rand(batch, pack.hidden, generator=r.dropout,
-                                                device=device) for r in runs]).ge_(
-                    pack.dropout_p).div_(keep)
+                masks = pack.draw_masks(batch, [r.dropout for r in runs], device)
                 logits = pack.logits(x, masks)
                 losses = objective(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -320,7 +322,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device, models: list[LeN
             "images_per_second": images / train_seconds if train_seconds else None}
 
 
-def _record_epoch(runs: list[_Run], pack: LeNetPack, data: Dataset, epoch: int, step: int,
+def _record_epoch(runs: list[_Run], pack: Pack, data: Dataset, epoch: int, step: int,
                   train: list[tuple[float, float]] | None) -> None:
     """Evaluate the pack and write each live run's epoch record and histograms; ``train`` is
     each run's (loss, accuracy) over the epoch, None at init."""

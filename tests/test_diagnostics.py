@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from initstudy import LeNet, apply_scheme
 from initstudy.cli import app
 from initstudy.data import mnist_sample, random_batch
-from initstudy.diagnostics import init_diagnostics
+from initstudy.diagnostics import LAYER_STATS, init_diagnostics
 from initstudy.errors import SchemeError
-from initstudy.model import init_layers
+from initstudy.model import build_model, forward_layers, reference_scores
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 
@@ -37,8 +37,7 @@ def test_report_shape_and_meaning(real):
     report = diagnose("default", real)
     assert [layer["name"] for layer in report["layers"]] == LAYERS
     for layer in report["layers"]:
-        assert set(layer) >= {"name", "out_mean", "out_std", "act_std", "dead_frac",
-                              "grad_out_std", "weight_grad_norm"}
+        assert set(layer) == {"name", *LAYER_STATS}
         assert layer["out_std"] > 0 and layer["grad_out_std"] > 0
     last = report["layers"][-1]
     assert last["act_std"] is None and last["dead_frac"] is None  # softmax, not ReLU, follows
@@ -84,24 +83,81 @@ def test_zeros_leave_every_weight_gradient_zero(real):
     assert report["max_prob_mean"] == pytest.approx(0.1)
     (x, y), _ = real
     model = apply_scheme(LeNet(), "zeros")
-    torch.nn.functional.cross_entropy(model.logits(x), y).backward()
+    torch.nn.functional.cross_entropy(reference_scores(model, x), y).backward()
     moving = {name for name, p in model.named_parameters() if p.grad.abs().sum() > 0}
     assert moving == {"classifer.4.bias"}  # only the output bias can move
 
 
-def test_lsuv_gives_unit_output_variance_on_a_fresh_batch(real):
+@pytest.mark.parametrize("spec", ["lenet", "mlp:depth=10,width=128,act=tanh",
+                                  "cnn:depth=4,channels=16"])
+def test_lsuv_gives_unit_output_variance_on_a_fresh_batch(real, spec):
     (x, _), (fresh, _) = real
-    model = apply_scheme(LeNet(), "lsuv", seed=0, data=lambda n: x[:n]).eval()
+    model = apply_scheme(build_model(spec), "lsuv", seed=0, data=lambda n: x[:n]).eval()
     variances = {}
+    layers = forward_layers(model, fresh)
     hooks = [layer.register_forward_hook(
         lambda m, i, out, name=name: variances.__setitem__(name, out.var().item()))
-        for name, layer in init_layers(model)]
+        for name, layer in layers]
     with torch.no_grad():
-        model.logits(fresh)
+        reference_scores(model, fresh)
     for hook in hooks:
         hook.remove()
-    for name in LAYERS:
-        assert abs(variances[name] - 1) < 0.2, (name, variances[name])  # tol 0.1, new images
+    assert len(variances) == len(layers) >= 4
+    for name, var in variances.items():
+        assert abs(var - 1) < 0.2, (name, var)  # tol 0.1, new images
+
+
+def test_forward_order_not_registration_order_is_lsuvs_order():
+    """A user's model may register its layers in another order than it calls them."""
+
+    class Backwards(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = torch.nn.Linear(64, 10)
+            self.early = torch.nn.Linear(784, 64)
+
+        def forward(self, x):
+            return self.late(torch.tanh(self.early(x.flatten(1))))
+
+    model = Backwards()
+    assert [n for n, _ in forward_layers(model, torch.zeros(2, 1, 28, 28))] == ["early", "late"]
+
+
+def mlp_report(spec: str, scheme: str, real):
+    (x, y), _ = real
+    model = apply_scheme(build_model(spec), scheme, seed=0, data=lambda n: x[:n])
+    return init_diagnostics(model, x, y)
+
+
+def test_30_layer_relu_mlp_kaiming_holds_the_signal_default_loses_it(real):
+    """He et al.'s argument, measured: under sqrt(2/n) each ReLU layer keeps the forward std;
+    under PyTorch's default U(+-1/sqrt(n)) (std 1/sqrt(3n)) each multiplies the input's signal
+    by ~1/sqrt(6), until the outputs are the biases' alone, the same for every image."""
+    spec = "mlp:depth=30,width=256,act=relu"
+    kaiming = mlp_report(spec, "kaiming", real)["layers"]
+    default = mlp_report(spec, "default", real)["layers"]
+    assert len(kaiming) == len(default) == 30
+    stds = [layer["out_std"] for layer in kaiming]
+    assert max(stds) / min(stds) < 5
+    assert kaiming[-1]["signal_std"] > 0.1 * kaiming[0]["signal_std"]
+    signal = [layer["signal_std"] for layer in default]
+    assert signal[-1] / signal[0] < 1e-8  # (1/sqrt(6))^29: ~5e-12
+    assert default[-1]["out_std"] > 100 * signal[-1]  # what is left is the biases
+    grads = [layer["grad_out_std"] for layer in default]
+    assert grads[0] / grads[-1] < 1e-6  # the backward signal vanishes towards the input too
+    report = mlp_report(spec, "kaiming", real)
+    assert all(0 <= layer["dead_frac"] < 0.5 for layer in report["layers"][:-1])
+    assert report["layers"][-1]["dead_frac"] is None and all(
+        layer["saturated_frac"] is None for layer in report["layers"])
+
+
+def test_tanh_layers_report_saturation_and_no_dead_units(real):
+    report = mlp_report("mlp:depth=5,width=64,act=tanh", "normal", real)  # N(0, 1): saturated
+    hidden = report["layers"][:-1]
+    assert all(layer["dead_frac"] is None for layer in hidden)
+    assert all(layer["saturated_frac"] > 0.5 for layer in hidden)
+    xavier = mlp_report("mlp:depth=5,width=64,act=tanh", "xavier", real)["layers"][:-1]
+    assert all(layer["saturated_frac"] < 0.1 for layer in xavier)
 
 
 def test_lsuv_is_orthogonal_underneath_and_needs_data():

@@ -8,7 +8,7 @@ import torch
 from initstudy import RunConfig, train
 from initstudy.errors import ConfigError
 from initstudy.model import LeNet
-from initstudy.pack import LeNetPack
+from initstudy.pack import Pack
 from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
 from initstudy.training import train_pack
@@ -39,7 +39,7 @@ def test_a_packed_step_computes_each_runs_own_gradients():
                                                                       "orthogonal"))]
     x = torch.randn(3, 16, 1, 28, 28)
     y = torch.randint(0, 10, (3, 16))
-    masks = (torch.rand(3, 16, 84) > 0.1).float() / 0.9
+    masks = ((torch.rand(3, 16, 84) > 0.1).float() / 0.9,)
 
     def step(pack, xs, ys, ms):
         logits = pack.logits(xs, ms)
@@ -48,9 +48,9 @@ def test_a_packed_step_computes_each_runs_own_gradients():
         losses.sum().backward()
         return losses.detach(), {n: p.grad for n, p in pack.params.items()}
 
-    packed_losses, packed_grads = step(LeNetPack(models), x, y, masks)
+    packed_losses, packed_grads = step(Pack(models), x, y, masks)
     for k, model in enumerate(models):
-        loss, grads = step(LeNetPack([model]), x[k:k + 1], y[k:k + 1], masks[k:k + 1])
+        loss, grads = step(Pack([model]), x[k:k + 1], y[k:k + 1], (masks[0][k:k + 1],))
         assert torch.allclose(packed_losses[k], loss[0], rtol=1e-5)
         for name, grad in grads.items():
             assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-4, atol=1e-6), name
@@ -109,9 +109,9 @@ def test_pack_members_must_differ_only_in_scheme_and_seeds(tiny_data, tmp_path):
 
 def test_pack_forward_equals_each_model():
     models = [apply_scheme(LeNet(), s, seed=i) for i, s in enumerate(("kaiming", "orthogonal"))]
-    pack = LeNetPack(models)
+    pack = Pack(models)
     x = torch.randn(2, 5, 1, 28, 28)
-    masks = torch.ones(2, 5, 84)
+    masks = (torch.ones(2, 5, 84),)
     logits = pack.logits(x, masks)
     for k, model in enumerate(models):
         assert torch.allclose(logits[k], model.eval().logits(x[k]), atol=1e-5)
@@ -136,7 +136,7 @@ def test_pack_evaluation_memory_is_bounded(monkeypatch):
     images = torch.randint(0, 255, (130, 28, 28), dtype=torch.uint8)
     labels = torch.arange(130) % 10
     for k in (1, 4, 35):
-        pack = LeNetPack([apply_scheme(LeNet(), "xavier", seed=s) for s in range(k)])
+        pack = Pack([apply_scheme(LeNet(), "xavier", seed=s) for s in range(k)])
         results = training.evaluate(pack, images, labels, "mnist")
         assert len(results) == k and all(0 <= acc <= 1 for _, acc in results)
         assert sizes[-1] * k <= training.EVAL_BATCH and sizes[-1] == training.EVAL_BATCH // k

@@ -1,4 +1,5 @@
-"""Each built-in scheme against its formula, on the real layers of the document's LeNet."""
+"""Each built-in scheme against its formula, on the real layers of the document's LeNet, of a
+plain MLP and of a plain CNN."""
 
 import math
 import textwrap
@@ -9,12 +10,20 @@ import torch.nn as nn
 
 from initstudy import LeNet, apply_scheme
 from initstudy.errors import SchemeError
-from initstudy.model import init_layers
+from initstudy.model import build_model, init_layers
 from initstudy.schemes import DEFAULT_SCHEMES, SCHEMES, resolve
 
 
-def layers(spec: str, seed: int = 0):
-    return init_layers(apply_scheme(LeNet(), spec, seed=seed))
+MODELS = ["lenet", "mlp:depth=4,width=200", "cnn:depth=3,channels=32"]
+
+
+@pytest.fixture(params=MODELS)
+def model(request) -> str:
+    return request.param
+
+
+def layers(spec: str, seed: int = 0, model: str = "lenet"):
+    return init_layers(apply_scheme(build_model(model), spec, seed=seed))
 
 
 def fans(weight: torch.Tensor) -> tuple[int, int]:
@@ -31,8 +40,8 @@ def std_tolerance(weight: torch.Tensor) -> float:
                                        ("kaiming_normal:nonlinearity=relu", math.sqrt(2)),
                                        ("kaiming_normal", math.sqrt(2)),  # leaky_relu, a=0
                                        ("kaiming_normal:a=1", 1.0)])
-def test_kaiming_normal_std_is_gain_over_sqrt_fan_in(spec, gain):
-    for name, layer in layers(spec):
+def test_kaiming_normal_std_is_gain_over_sqrt_fan_in(spec, gain, model):
+    for name, layer in layers(spec, model=model):
         fan_in, _ = fans(layer.weight)
         expected = gain / math.sqrt(fan_in)
         assert layer.weight.std().item() == pytest.approx(expected,
@@ -41,8 +50,8 @@ def test_kaiming_normal_std_is_gain_over_sqrt_fan_in(spec, gain):
         assert (layer.bias == 0).all()
 
 
-def test_kaiming_uniform_fan_out_bound():
-    for name, layer in layers("kaiming_uniform:a=0.1,mode=fan_out"):
+def test_kaiming_uniform_fan_out_bound(model):
+    for name, layer in layers("kaiming_uniform:a=0.1,mode=fan_out", model=model):
         _, fan_out = fans(layer.weight)
         bound = math.sqrt(3) * math.sqrt(2 / (1 + 0.1 ** 2)) / math.sqrt(fan_out)
         assert layer.weight.abs().max().item() <= bound
@@ -50,16 +59,16 @@ def test_kaiming_uniform_fan_out_bound():
 
 
 @pytest.mark.parametrize("spec,gain", [("xavier", 1.0), ("xavier_uniform:gain=2", 2.0)])
-def test_xavier_uniform_bound(spec, gain):
-    for name, layer in layers(spec):
+def test_xavier_uniform_bound(spec, gain, model):
+    for name, layer in layers(spec, model=model):
         fan_in, fan_out = fans(layer.weight)
         bound = gain * math.sqrt(6 / (fan_in + fan_out))
         assert layer.weight.abs().max().item() <= bound
         assert layer.weight.abs().max().item() > 0.95 * bound, name
 
 
-def test_xavier_normal_std():
-    for name, layer in layers("xavier_normal"):
+def test_xavier_normal_std(model):
+    for name, layer in layers("xavier_normal", model=model):
         fan_in, fan_out = fans(layer.weight)
         expected = math.sqrt(2 / (fan_in + fan_out))
         assert layer.weight.std().item() == pytest.approx(expected,
@@ -67,16 +76,16 @@ def test_xavier_normal_std():
 
 
 @pytest.mark.parametrize("gain", [1.0, 0.5])
-def test_orthogonal_rows_or_columns_are_orthonormal(gain):
-    for name, layer in layers(f"orthogonal:gain={gain}"):
+def test_orthogonal_rows_or_columns_are_orthonormal(gain, model):
+    for name, layer in layers(f"orthogonal:gain={gain}", model=model):
         w = layer.weight.reshape(layer.weight.shape[0], -1).double() / gain
         gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
         assert torch.allclose(gram, torch.eye(len(gram), dtype=gram.dtype), atol=1e-5), name
 
 
-def test_custom_is_the_documents_rule_exactly():
-    custom = dict(layers("custom", seed=4))
-    default = dict(layers("default", seed=4))
+def test_custom_is_the_documents_rule_exactly(model):
+    custom = dict(layers("custom", seed=4, model=model))
+    default = dict(layers("default", seed=4, model=model))
     for name, layer in custom.items():
         if isinstance(layer, nn.Conv2d):
             assert layer.weight.std().item() == pytest.approx(0.5, rel=std_tolerance(layer.weight))
@@ -112,41 +121,41 @@ def test_default_is_pytorchs_own_init_seeded():
         assert torch.equal(a, b)
 
 
-def test_normal_is_standard_normal_with_zero_biases():
-    for name, layer in layers("normal"):
+def test_normal_is_standard_normal_with_zero_biases(model):
+    for name, layer in layers("normal", model=model):
         assert layer.weight.std().item() == pytest.approx(1.0, rel=std_tolerance(layer.weight))
         assert (layer.bias == 0).all()
-    for name, layer in layers("normal:std=0.01,mean=0.5"):
+    for name, layer in layers("normal:std=0.01,mean=0.5", model=model):
         assert layer.weight.mean().item() == pytest.approx(0.5, abs=0.002)
 
 
-def test_uniform_and_trunc_normal_stay_in_their_bounds():
-    for _, layer in layers("uniform:a=-0.3,b=0.2"):
+def test_uniform_and_trunc_normal_stay_in_their_bounds(model):
+    for _, layer in layers("uniform:a=-0.3,b=0.2", model=model):
         assert layer.weight.min() >= -0.3 and layer.weight.max() <= 0.2
-    for _, layer in layers("trunc_normal:std=1,a=-0.5,b=0.5"):
+    for _, layer in layers("trunc_normal:std=1,a=-0.5,b=0.5", model=model):
         assert layer.weight.min() >= -0.5 and layer.weight.max() <= 0.5
 
 
-def test_constant_ones_zeros_and_bias_policies():
-    for _, layer in layers("constant:val=0.25,bias=-1"):
+def test_constant_ones_zeros_and_bias_policies(model):
+    for _, layer in layers("constant:val=0.25,bias=-1", model=model):
         assert (layer.weight == 0.25).all() and (layer.bias == -1).all()
-    for _, layer in layers("ones"):
+    for _, layer in layers("ones", model=model):
         assert (layer.weight == 1).all() and (layer.bias == 0).all()
-    for _, layer in layers("zeros"):
+    for _, layer in layers("zeros", model=model):
         assert (layer.weight == 0).all() and (layer.bias == 0).all()
-    default = dict(layers("default", seed=2))
-    for name, layer in layers("zeros:bias=keep", seed=2):
+    default = dict(layers("default", seed=2, model=model))
+    for name, layer in layers("zeros:bias=keep", seed=2, model=model):
         assert torch.equal(layer.bias, default[name].bias)
 
 
 @pytest.mark.parametrize("spec", ["eye", "dirac"])
-def test_identity_schemes_dirac_on_convs_eye_on_linears(spec):
-    for name, layer in layers(spec):
+def test_identity_schemes_dirac_on_convs_eye_on_linears(spec, model):
+    for name, layer in layers(spec, model=model):
         w = layer.weight
         if w.dim() == 4:
             expected = torch.zeros_like(w)
             for i in range(min(w.shape[0], w.shape[1])):
-                expected[i, i, 2, 2] = 1  # centre tap of a 5x5 kernel
+                expected[i, i, w.shape[2] // 2, w.shape[3] // 2] = 1  # the kernel's centre tap
         else:
             expected = torch.eye(*w.shape)
         assert torch.equal(w, expected), name
@@ -157,19 +166,19 @@ def test_dirac_groups():
     assert conv.sum().item() == 64 * 2  # each group of 64 outputs passes 64 inputs through
 
 
-def test_sparse_zeros_a_fraction_of_each_column():
-    for name, layer in layers("sparse:sparsity=0.5,std=0.02"):
+def test_sparse_zeros_a_fraction_of_each_column(model):
+    for name, layer in layers("sparse:sparsity=0.5,std=0.02", model=model):
         w = layer.weight.reshape(layer.weight.shape[0], -1)
         zeros_per_column = (w == 0).sum(0)
         assert (zeros_per_column == math.ceil(0.5 * w.shape[0])).all(), name
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
-def test_every_scheme_applies_and_is_bit_reproducible(name):
+def test_every_scheme_applies_and_is_bit_reproducible(name, model):
     spec = "constant:val=0.5" if name == "constant" else name
     images = lambda n: torch.randn(n, 1, 28, 28)  # for lsuv; drawn in the seeded fork too
-    a = apply_scheme(LeNet(), spec, seed=11, data=images).state_dict()
-    b = apply_scheme(LeNet(), spec, seed=11, data=images).state_dict()
+    a = apply_scheme(build_model(model), spec, seed=11, data=images).state_dict()
+    b = apply_scheme(build_model(model), spec, seed=11, data=images).state_dict()
     for key in a:
         assert torch.isfinite(a[key]).all()
         assert torch.equal(a[key], b[key]), key
@@ -239,7 +248,7 @@ def test_user_function_from_a_module_and_from_a_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec,fragment", [
     ("no_such_module_xyz:init", "no importable module"),
     ("missing_file.py:init", "not found"),
-    ("math:no_such_function", "has no function 'no_such_function'"),
+    ("math:no_such_function", "has no 'no_such_function'"),
 ])
 def test_user_function_errors(spec, fragment):
     with pytest.raises(SchemeError, match=fragment):
