@@ -7,10 +7,21 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .axes import Axis, schemes_of
 from .results import Run
 
 if TYPE_CHECKING:
-    from .report import Analysis
+    from .analysis import Analysis
+
+MOST_LAYERS = 6  # per-layer figures of deeper models show this many layers, evenly spaced
+
+
+def _shown(layers: list[str]) -> list[str]:
+    """All the layers, or MOST_LAYERS of them evenly spaced from the first to the last."""
+    if len(layers) <= MOST_LAYERS:
+        return layers
+    step = (len(layers) - 1) / (MOST_LAYERS - 1)
+    return [layers[round(i * step)] for i in range(MOST_LAYERS)]
 
 
 def _layers(runs: list[Run]) -> list[str]:
@@ -54,7 +65,10 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
     folder.mkdir(parents=True, exist_ok=True)
     groups = {sel.scheme: sel.runs for sel in analysis.selections}
     runs = [r for rs in groups.values() for r in rs]
-    layers = _layers(runs)
+    every_layer = _layers(runs)
+    layers = _shown(every_layer)
+    some = (f" ({len(layers)} of the {len(every_layer)} layers, evenly spaced)"
+            if len(layers) < len(every_layer) else "")
     at = " (each scheme at its chosen setting)" if analysis.comparison.tuned else ""
     made = []
 
@@ -67,11 +81,12 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
         add(f"Sensitivity: final validation accuracy ({split_name(analysis, 'val')}) against "
             f"{option}; mean over seeds with its 95% bootstrap band; a cross marks a setting "
             f"where a seed diverged, a ring the setting chosen.",
-            plots.sensitivity(_sensitivity_lines(analysis), option,
-                              folder / f"{prefix}sensitivity.png",
-                              logx=all(isinstance(v, (int, float)) and v > 0 for sel in
-                                       analysis.selections for s in sel.settings
-                                       for v in s.values[:1])))
+            plots.band_lines({"": _sensitivity_lines(analysis)}, option,
+                             f"validation accuracy against {option}",
+                             folder / f"{prefix}sensitivity.png",
+                             logx=all(isinstance(v, (int, float)) and v > 0 for sel in
+                                      analysis.selections for s in sel.settings
+                                      for v in s.values[:1])))
     last_loss = lambda run: next((r["train/loss"] for r in reversed(run.steps)
                                   if r.get("train/loss") is not None), None)
     add("Train loss (training split) against step: mean over seeds, band = ±1 std; × where a "
@@ -100,31 +115,72 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
                              folder / f"{prefix}final_acc.png",
                              "final test accuracy per run"))
     if layers:
-        add(f"Per-layer weight std over epochs (mean over seeds){at}.",
+        add(f"Per-layer weight std over epochs (mean over seeds){some}{at}.",
             plots.per_layer_lines(_epoch_series(groups, "weight_std", layers), layers,
                                   folder / f"{prefix}weight_std.png", "weight std per layer",
                                   "weight std"))
-        add(f"Relative update per epoch, ||W_end - W_start|| / ||W_start|| (mean over seeds){at}.",
+        add(f"Relative update per epoch, ||W_end - W_start|| / ||W_start|| (mean over seeds)"
+            f"{some}{at}.",
             plots.per_layer_lines(_epoch_series(groups, "rel_update", layers), layers,
                                   folder / f"{prefix}rel_update.png",
                                   "relative weight update per epoch", "relative update"))
         hists = _first_seed_histograms(groups, layers)
         add("Weight histograms (30 bins, as the note's plt.hist) per layer and scheme, at init "
             "(grey) and after training (blue; where it left the init's scale, as in a diverged "
-            f"run, its range is written in the panel); first seed of each scheme{at}.",
+            f"run, its range is written in the panel); first seed of each scheme{some}{at}.",
             plots.histogram_grid({s: h["weight"] for s, h in hists.items()}, layers,
                                  folder / f"{prefix}weight_hist.png",
                                  "weights at init and after training"))
         add("Biases value by output unit (as the note's plt.plot), at init (grey) and after "
-            f"training (blue); first seed of each scheme{at}.",
+            f"training (blue); first seed of each scheme{some}{at}.",
             plots.bias_grid({s: h["bias"] for s, h in hists.items()}, layers,
                             folder / f"{prefix}biases.png", "biases at init and after training"))
     profiles = _depth_profiles(groups)
     if profiles:
-        add("Signal propagation at init: the forward and backward std per layer "
-            "(init_diagnostics.json, training images, mean over seeds).",
-            plots.depth_profile(profiles, layers, folder / f"{prefix}init_signal.png",
-                                _diagnostics_batch(groups)))
+        add(_signal_caption(profiles), plots.depth_profile(
+            profiles, folder / f"{prefix}init_signal.png", _diagnostics_batch(groups)))
+    return made
+
+
+def _signal_caption(profiles: dict[str, dict[str, Any]]) -> str:
+    signal = all(p["forward_key"] == "signal_std" for p in profiles.values())
+    forward = ("the std over images of its output (the input's signal: a bias that is the same "
+               "for every image does not count)" if signal else "the std of its output")
+    return (f"Signal propagation at init: per layer in forward order, {forward}, and the std "
+            f"of the loss gradient at its output (init_diagnostics.json, training images, mean "
+            f"over seeds); log scale.")
+
+
+def axis_figures(axis: Axis, folder: Path, baseline: str = "default") -> list[tuple[str, Path]]:
+    """An axis of the study (``axes.find_axes``): validation accuracy along it, each scheme at
+    its chosen setting; for a model's axis, the signal at init in the largest model."""
+    from . import plots
+
+    schemes = schemes_of(axis, baseline)
+    panels = {label: {scheme: [
+        {"x": p.value, "mean": 100 * s.best.val_mean, "lo": 100 * s.best.val_ci[0],
+         "hi": 100 * s.best.val_ci[1], "diverged": s.best.diverged, "n": len(s.best.runs)}
+        for p in points for s in p.selections if s.scheme == scheme]
+        for scheme in schemes} for label, points in axis.panels.items()}
+    values = [p.value for points in axis.panels.values() for p in points]
+    logx = min(values) > 0 and max(values) / min(values) >= 20
+    tuned = next(iter(axis.panels.values()))[0].comparison.tuned
+    at = f" at its {', '.join(tuned)} chosen on validation" if tuned else ""
+    made = [(f"Final validation accuracy against {axis.name}: each scheme{at}, mean over seeds "
+             f"with its 95% bootstrap band (n per point in the legend); a cross where a seed "
+             f"diverged.",
+             plots.band_lines(panels, axis.name, f"validation accuracy against {axis.name}",
+                              folder / f"axis_{axis.name}.png", logx=logx))]
+    if axis.of_model:
+        for i, (label, points) in enumerate(axis.panels.items()):
+            largest = points[-1]
+            groups = {s.scheme: s.runs for s in largest.selections}
+            profiles = _depth_profiles(groups)
+            if profiles:
+                where = f"{axis.name}={largest.value:g}" + (f", {label}" if label else "")
+                made.append((f"At {where}: " + _signal_caption(profiles), plots.depth_profile(
+                    profiles, folder / f"axis_{axis.name}_signal_{i + 1}.png",
+                    _diagnostics_batch(groups), title=where)))
     return made
 
 
@@ -164,12 +220,20 @@ def _diagnostics_batch(groups: dict[str, list[Run]]) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _depth_profiles(groups: dict[str, list[Run]]) -> dict[str, dict[str, list[float]]]:
+def _depth_profiles(groups: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
+    """Per scheme, the layers and the mean over seeds of the forward signal (``signal_std``;
+    ``out_std`` for runs recorded before it existed) and of ``grad_out_std``, per layer."""
     profiles = {}
     for scheme, runs in groups.items():
         reports = [d for d in (r.diagnostics() for r in runs) if d]
         if reports:
-            profiles[scheme] = {key: [statistics.mean(rep["layers"][i][key] for rep in reports)
-                                      for i in range(len(reports[0]["layers"]))]
-                                for key in ("out_std", "grad_out_std")}
+            layers = reports[0]["layers"]
+            forward = "signal_std" if all("signal_std" in layer for rep in reports
+                                           for layer in rep["layers"]) else "out_std"
+            mean = lambda key, i: statistics.mean(rep["layers"][i][key] for rep in reports)
+            profiles[scheme] = {"layers": [layer["name"] for layer in layers],
+                                "forward_key": forward,
+                                "forward": [mean(forward, i) for i in range(len(layers))],
+                                "backward": [mean("grad_out_std", i)
+                                             for i in range(len(layers))]}
     return profiles

@@ -210,24 +210,33 @@ def bias_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str
     return _grid(records, layers, path, title, draw, "output unit", "bias value")
 
 
-def depth_profile(profiles: dict[str, dict[str, list[float]]], layers: list[str],
-                  path: Path, images: int | None = None) -> Path:
-    """Forward (output std) and backward (gradient std) signal against depth, per scheme."""
+def depth_profile(profiles: dict[str, dict[str, Any]], path: Path, images: int | None = None,
+                  title: str | None = None) -> Path:
+    """Forward and backward signal against depth, per scheme (``figures._depth_profiles``)."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    layers = max((p["layers"] for p in profiles.values()), key=len)
     for scheme, color in _colors(list(profiles)).items():
-        for ax, key in zip(axes, ("out_std", "grad_out_std")):
-            values = profiles[scheme].get(key)
-            if values:
-                ax.plot(range(len(layers)), values, marker="o", color=color, label=scheme)
-    for ax, what in zip(axes, ("forward: std of each layer's output (before activation)",
-                               "backward: std of the loss gradient at each layer's output")):
+        for ax, key in zip(axes, ("forward", "backward")):
+            values = profiles[scheme][key]
+            ax.plot(range(len(values)), values, marker="o" if len(values) <= 15 else None,
+                    ms=4, color=color, label=scheme)
+    signal = all(p["forward_key"] == "signal_std" for p in profiles.values())
+    forward = ("forward: std over images of each layer's output" if signal else
+               "forward: std of each layer's output (before activation)")
+    every = max(1, math.ceil(len(layers) / 12))  # at most a dozen tick labels
+    for ax, what in zip(axes, (forward, "backward: std of the loss gradient at each layer's "
+                                        "output")):
         ax.set(title=what, xlabel="layer (forward order)", ylabel="std (log scale)")
-        ax.set_xticks(range(len(layers)), layers, fontsize=8)
+        ticks = range(0, len(layers), every)
+        ax.set_xticks(ticks, [layers[i] for i in ticks], fontsize=7,
+                      rotation=0 if len(layers) <= 6 else 45, ha="center" if len(layers) <= 6
+                      else "right")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        ax.title.set_fontsize(10)
     _legend(axes[1], fontsize=8)
-    fig.suptitle("signal propagation at init (mean over seeds"
-                 + (f", {images} training images)" if images else ")"))
+    fig.suptitle("signal propagation at init" + (f", {title}" if title else "") +
+                 " (mean over seeds" + (f", {images} training images)" if images else ")"))
     return _save(fig, path)
 
 
@@ -249,36 +258,43 @@ def final_accuracy(points: dict[str, list[float]], intervals: dict[str, tuple[fl
     return _save(fig, path)
 
 
-def sensitivity(lines: dict[str, list[dict[str, Any]]], option: str, path: Path,
-                logx: bool = True) -> Path:
-    """Validation accuracy against a tuned option, one line per scheme: the mean over seeds at
-    each value with its interval band, a cross where a seed diverged, a ring on the value
-    chosen."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for scheme, color in _colors(list(lines)).items():
-        points = sorted((p for p in lines[scheme] if math.isfinite(p["mean"])),
-                        key=lambda p: p["x"])
-        if not points:
-            continue
-        xs = [p["x"] for p in points]
-        ax.plot(xs, [p["mean"] for p in points], color=color, marker="o", ms=4,
-                label=f"{scheme} (n={points[0]['n']} per value)")
-        ax.fill_between(xs, [p["lo"] for p in points], [p["hi"] for p in points], color=color,
-                        alpha=0.15)
-        bad = [p for p in points if p["diverged"]]
-        if bad:
-            ax.scatter([p["x"] for p in bad], [p["mean"] for p in bad], marker="x", s=90,
-                       color=color, zorder=3)
-        chosen = [p for p in points if p["chosen"]]
-        ax.scatter([p["x"] for p in chosen], [p["mean"] for p in chosen], s=160,
-                   facecolors="none", edgecolors=color, linewidths=2, zorder=3)
-    ax.scatter([], [], marker="x", color="black", label="a seed diverged")
-    ax.scatter([], [], s=160, facecolors="none", edgecolors="black", label="chosen")
-    if logx:
-        ax.set_xscale("log")
-    ax.set(title=f"validation accuracy against {option}", xlabel=option + (" (log scale)" if
-                                                                           logx else ""),
-           ylabel="final validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    _legend(ax, fontsize=8, loc="lower left")
+def band_lines(panels: dict[str, dict[str, list[dict[str, Any]]]], xlabel: str, title: str,
+               path: Path, logx: bool = False) -> Path:
+    """Validation accuracy against a number, one panel per label and one line per scheme: the
+    mean over seeds at each value (``{"x", "mean", "lo", "hi", "diverged", "n"}``, optionally
+    ``"chosen"``) with its interval band, a cross where a seed diverged, a ring where
+    ``chosen``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 if len(panels) == 1 else 7 * len(panels),
+                                                      5.5), squeeze=False)
+    for ax, (label, lines) in zip(axes[0], panels.items()):
+        for scheme, color in _colors(list(lines)).items():
+            points = sorted((p for p in lines[scheme] if math.isfinite(p["mean"])),
+                            key=lambda p: p["x"])
+            if not points:
+                continue
+            xs = [p["x"] for p in points]
+            ns = sorted({p["n"] for p in points})
+            ax.plot(xs, [p["mean"] for p in points], color=color, marker="o", ms=4,
+                    label=f"{scheme} (n={'-'.join(map(str, ns[::max(1, len(ns) - 1)]))} per "
+                          f"value)")
+            ax.fill_between(xs, [p["lo"] for p in points], [p["hi"] for p in points],
+                            color=color, alpha=0.15)
+            bad = [p for p in points if p["diverged"]]
+            if bad:
+                ax.scatter([p["x"] for p in bad], [p["mean"] for p in bad], marker="x", s=90,
+                           color=color, zorder=3)
+            chosen = [p for p in points if p.get("chosen")]
+            ax.scatter([p["x"] for p in chosen], [p["mean"] for p in chosen], s=160,
+                       facecolors="none", edgecolors=color, linewidths=2, zorder=3)
+        ax.scatter([], [], marker="x", color="black", label="a seed diverged")
+        if any(p.get("chosen") for line in lines.values() for p in line):
+            ax.scatter([], [], s=160, facecolors="none", edgecolors="black", label="chosen")
+        if logx:
+            ax.set_xscale("log")
+        ax.set(title=label or title, xlabel=xlabel + (" (log scale)" if logx else ""),
+               ylabel="final validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=8, loc="lower left")
+    if len(panels) > 1:
+        fig.suptitle(title)
     return _save(fig, path)

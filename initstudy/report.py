@@ -1,11 +1,11 @@
 """Comparison reports: from folders of runs to tables with error bars and the figures a
 researcher draws. Reads the saved run folders only; never trains.
 
-Each comparison (``results.comparisons``) is analysed on its own. With tuned options
-(``--tune lr``), each scheme is shown at the setting chosen on the validation split
-(``tuning.select``); every test number quoted is that of the runs at the chosen setting, and no
-choice reads a test number. p-values against the baseline are Holm-adjusted over the schemes
-compared.
+Each comparison (``results.comparisons``) is analysed on its own (``analysis.compare``): with
+tuned options (``--tune lr``), each scheme at the setting chosen on the validation split; every
+test number quoted is that of the runs at the chosen setting, and no choice reads a test number.
+p-values against the baseline are Holm-adjusted over the schemes compared. A study's axes
+(``axes``: depth, say) get tables and figures of their own, before the comparisons.
 """
 
 from __future__ import annotations
@@ -13,150 +13,18 @@ from __future__ import annotations
 import csv
 import math
 import os
-import statistics
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import check_tune
-from .figures import figures, split_name
+from .analysis import Analysis, compare
+from .axes import Axis, find_axes, schemes_of
+from .config import DEFAULT_MODEL, check_tune
+from .figures import axis_figures, figures, split_name
 from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
-from .results import Comparison, Run, compare_key, comparisons, load_runs, study_tune
-from .stats import (BOOTSTRAP_RESAMPLES, bootstrap_ci, bootstrap_diff_ci, holm, prob_beats,
-                    welch_p)
-from .tuning import STABLE_WITHIN, Selection, describe_values, select
-
-
-def _mean(values: list[float | None]) -> float:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.mean(values) if values else math.nan
-
-
-@dataclass
-class SchemeStats:
-    """One scheme at its chosen setting: final test accuracy over seeds and the rest."""
-
-    scheme: str
-    setting: str  # the chosen values of the tuned options ("" when nothing is tuned)
-    runs: int
-    ok: int
-    diverged: int
-    failed: int
-    unfinished: int
-    accs: list[float] = field(repr=False)  # final test accuracy of each finished run
-    acc_mean: float
-    acc_std: float
-    acc_ci: tuple[float, float]
-    acc_median: float
-    acc_best: float
-    val_mean: float  # final validation accuracy, mean over finished runs
-    val_ci: tuple[float, float]
-    test_loss: float  # mean over finished runs with a finite loss
-    train_loss: float
-    epochs_to_target: float  # mean over runs that reached it
-    reached: int
-    # Against the baseline (NaN for the baseline itself).
-    diff: float = math.nan
-    diff_ci: tuple[float, float] = (math.nan, math.nan)
-    p_beats: float = math.nan
-    welch: float = math.nan
-    welch_holm: float = math.nan
-
-    @property
-    def success(self) -> float:
-        """The fraction of runs that finished without diverging or failing."""
-        return self.ok / self.runs if self.runs else math.nan
-
-
-@dataclass
-class Analysis:
-    """What a report says about one comparison."""
-
-    comparison: Comparison
-    selections: list[Selection]
-    stats: list[SchemeStats]
-    target: float
-    split: str  # the split the target and "epochs to target" are measured on
-
-    @property
-    def best(self) -> SchemeStats | None:
-        """The scheme with the highest mean final accuracy on the selection split (validation
-        where the runs have it): the winner is never picked on the test set."""
-        key = (lambda s: s.val_mean) if self.split == "val" else (lambda s: s.acc_mean)
-        scored = [s for s in self.stats if math.isfinite(key(s))]
-        return max(scored, key=key) if scored else None
-
-
-def epochs_to(run: Run, target: float, split: str) -> int | None:
-    """The first epoch whose accuracy on ``split`` reaches ``target``; None if none does."""
-    return next((r["epoch"] for r in run.epochs if (r.get(f"{split}/acc") or 0) >= target),
-                None)
-
-
-def selection_split(runs: list[Run]) -> str:
-    """"val" when every finished run measured validation accuracy, else "test" (runs made
-    before validation splits existed, or with --val-size 0)."""
-    finished = [r for r in runs if r.finished]
-    return "val" if finished and all(r.final("val") is not None for r in finished) else "test"
-
-
-def choose_target(selections: list[Selection], split: str) -> float:
-    """A target accuracy from the data: 95% of the best scheme's mean final accuracy on
-    ``split``, rounded down to a whole percent, so that the good schemes reach it and the
-    comparison is of speed."""
-    means = [_mean([r.final(split) for r in sel.runs if r.finished]) for sel in selections]
-    means = [m for m in means if math.isfinite(m)]
-    return math.floor(0.95 * max(means) * 100) / 100 if means else math.nan
-
-
-def scheme_stats(comparison: Comparison, selection: Selection, target: float,
-                 split: str) -> SchemeStats:
-    runs = selection.runs
-    finished = [r for r in runs if r.finished]
-    accs = [a for a in (r.final("test") for r in finished) if a is not None]
-    vals = [a for a in (r.final("val") for r in finished) if a is not None]
-    reached = [e for e in (epochs_to(r, target, split) for r in finished) if e is not None]
-    statuses = [r.status for r in runs]
-    return SchemeStats(
-        scheme=selection.scheme, setting=describe_values(comparison, selection.best.values),
-        runs=len(runs), ok=statuses.count("ok"), diverged=statuses.count("diverged"),
-        failed=statuses.count("failed"),
-        unfinished=sum(not r.finished and r.status != "failed" for r in runs), accs=accs,
-        acc_mean=statistics.mean(accs) if accs else math.nan,
-        acc_std=statistics.stdev(accs) if len(accs) > 1 else math.nan,
-        acc_ci=bootstrap_ci(accs), acc_median=statistics.median(accs) if accs else math.nan,
-        acc_best=max(accs) if accs else math.nan,
-        val_mean=statistics.mean(vals) if vals else math.nan, val_ci=bootstrap_ci(vals),
-        test_loss=_mean([r.summary.get("test/loss") for r in finished]),
-        train_loss=_mean([r.summary.get("train/loss") for r in finished]),
-        epochs_to_target=statistics.mean(reached) if reached else math.nan,
-        reached=len(reached))
-
-
-def compare(comparison: Comparison, baseline: str = "default",
-            target: float | None = None) -> Analysis:
-    """Each scheme at its chosen setting, with differences against ``baseline`` at the
-    baseline's own chosen setting (when it is present), p-values Holm-adjusted."""
-    selections = select(comparison, baseline)
-    split = selection_split(comparison.runs)
-    target = choose_target(selections, split) if target is None else target
-    stats = [scheme_stats(comparison, sel, target, split) for sel in selections]
-    base = next((s for s in stats if s.scheme == baseline), None)
-    if base is not None:
-        others = [s for s in stats if s is not base]
-        for s in others:
-            s.diff = s.acc_mean - base.acc_mean
-            s.diff_ci = bootstrap_diff_ci(s.accs, base.accs)
-            s.p_beats = prob_beats(s.accs, base.accs)
-            s.welch = welch_p(s.accs, base.accs)
-        for s, adjusted in zip(others, holm([s.welch for s in others])):
-            s.welch_holm = adjusted
-    return Analysis(comparison, selections, stats, target, split)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
+from .results import Run, compare_key, comparisons, load_runs, study_tune
+from .stats import BOOTSTRAP_RESAMPLES
+from .tuning import STABLE_WITHIN, describe_values
 
 
 def main_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -226,6 +94,36 @@ def tuning_tables(analysis: Analysis) -> list[Section]:
     ]
 
 
+def axis_sections(axis: Axis, folder: Path, baseline: str) -> list[Section]:
+    """Along one axis of the study: a table per panel and the figures."""
+    first = next(iter(axis.panels.values()))[0].comparison
+    chosen = (f"at its {', '.join(first.tuned)} chosen on validation (in brackets)"
+              if first.tuned else "")
+    sections = [Section("h2", f"Along {axis.name}"), Section(
+        "text", f"The comparisons below differ in {axis.name}"
+        f"{' (and in what labels each table)' if len(axis.panels) > 1 else ''}; here each "
+        f"scheme {chosen}, its mean final validation accuracy (%) over seeds with the 95% "
+        f"bootstrap interval; (k/n div): k of its n seeds diverged. Nothing here reads a test "
+        f"number.")]
+    for label, points in axis.panels.items():
+        rows = []
+        for scheme in schemes_of(axis, baseline):
+            row = [scheme]
+            for point in points:
+                sel = next((s for s in point.selections if s.scheme == scheme), None)
+                best = sel.best if sel else None
+                row.append("" if best is None else
+                           f"{pct(best.val_mean)} {interval(best.val_ci)}"
+                           f"{f' ({describe_values(point.comparison, best.values)})' if first.tuned else ''}"
+                           f"{f' ({best.diverged}/{len(best.runs)} div)' if best.diverged else ''}")
+            rows.append(row)
+        sections.append(Section("table", label, ["scheme"] + [f"{axis.name}={p.value:g}"
+                                                               for p in points], rows))
+    sections += [Section("figure", caption, path=path)
+                 for caption, path in axis_figures(axis, folder, baseline)]
+    return sections
+
+
 def provenance(runs: list[Run]) -> dict[str, Any]:
     """Versions, commits, devices, data, dates and compute time of the runs."""
     envs = [r.config.get("env") or {} for r in runs]
@@ -271,7 +169,9 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
                          baseline: str, given_target: bool) -> list[Section]:
     comparison = analysis.comparison
     key = comparison.key
-    head = (f"Comparison {index}: {key['dataset_used']}, {key['epochs']} epochs, "
+    model = key.get("model") or DEFAULT_MODEL
+    head = (f"Comparison {index}: {'' if model == DEFAULT_MODEL else model + ', '}"
+            f"{key['dataset_used']}, {key['epochs']} epochs, "
             f"{key['optimizer']} " + (f"at each scheme's best {', '.join(comparison.tuned)} "
                                       f"(chosen on validation)" if comparison.tuned
                                       else f"lr {key['lr']}"))
@@ -357,9 +257,11 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
         intro += (f" **{len(unfinished)} run(s) had not finished** when this report was made "
                   f"(status running or interrupted); they count as unfinished.")
     sections = [Section("h1", title), Section("text", intro)]
-    for i, comparison in enumerate(groups, 1):
+    analyses = [compare(comparison, baseline, target) for comparison in groups]
+    for axis in find_axes([(a.comparison, a.selections) for a in analyses]):
+        sections += axis_sections(axis, out / "figures", baseline)
+    for i, analysis in enumerate(analyses, 1):
         prefix = f"c{i}_" if len(groups) > 1 else ""
-        analysis = compare(comparison, baseline, target)
         sections += _comparison_sections(analysis, i, prefix, out / "figures", baseline,
                                          target is not None)
     prov = provenance(runs)

@@ -33,6 +33,4 @@ def test_every_module_imports_only_modules_drawn_above_it():
     for name in order:
         imported = imports_of(ROOT / "initstudy" / f"{name}.py") - ANYONE_MAY_USE
         below = {m for m in imported if order.index(m) >= order.index(name)}
-        # report and figures refer to each other only for type checking
-        below -= {"report"} if name == "figures" else set()
         assert not below, f"{name} imports {below}, drawn below it"

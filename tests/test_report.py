@@ -13,7 +13,8 @@ from scipy import stats as scipy_stats
 from typer.testing import CliRunner
 
 from initstudy.cli import app
-from initstudy.report import compare, make_report
+from initstudy.analysis import compare
+from initstudy.report import make_report
 from initstudy.results import comparisons, load_runs
 from initstudy.stats import bootstrap_ci, holm, prob_beats
 
