@@ -259,3 +259,34 @@ def test_a_tiny_depth_sweep_ends_in_a_report_with_a_depth_figure(tmp_path, tiny_
     text = readme.read_text()
     assert "depth" in text and "figures/axis_depth.png" in text
     assert (tmp_path / "report" / "figures" / "axis_depth.png").exists()
+
+
+def test_axes_are_the_numbers_that_vary_and_the_rest_make_panels():
+    from pathlib import Path
+
+    from initstudy.axes import find_axes
+    from initstudy.results import Run, comparisons
+    from initstudy.tuning import select
+
+    def run(model, params, scheme, lr, seed, acc):
+        config = {"scheme": scheme, "model": model, "model_params": params, "seed": seed,
+                  "lr": lr, "epochs": 1, "dataset_used": "mnist"}
+        return Run(Path(f"{model}-{scheme}-{lr}-{seed}"), config,
+                   {"status": "ok", "val/acc": acc, "test/acc": acc}, [])
+
+    runs = []
+    for act, depths in (("relu", (2, 10, 30)), ("tanh", (5, 30))):
+        for depth in depths:
+            spec = f"mlp:depth={depth},act={act}"
+            params = {"depth": depth, "width": 256, "act": act}
+            for scheme in ("default", "kaiming"):
+                for lr, bonus in ((0.01, 0.0), (0.1, 0.05)):
+                    runs += [run(spec, params, scheme, lr, s, 0.5 + bonus + s / 100)
+                             for s in range(3)]
+    analysed = [(c, select(c)) for c in comparisons(runs, ("lr",))]
+    (axis,) = find_axes(analysed)
+    assert axis.name == "depth" and axis.of_model
+    assert set(axis.panels) == {"act=relu", "act=tanh"}
+    relu = axis.panels["act=relu"]
+    assert [p.value for p in relu] == [2, 10, 30]
+    assert all(s.best.values == (0.1,) for p in relu for s in p.selections)  # chosen on val
