@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .config import RunConfig
+from .config import DEFAULT_MODEL, RunConfig
 from .diagnostics import layer_histograms
 from .errors import ConfigError
 from .runfolder import RunFolder, write_json_atomic
@@ -85,7 +85,9 @@ class WandbMirror:
             project=config.wandb_project, entity=config.wandb_entity,
             dir=str(config.wandb_dir or config.run_dir), mode=config.wandb,
             name=config.run_name, group=config.group or "adhoc", job_type="train",
-            tags=[scheme_name, config.dataset_used], config=config.to_dict(),
+            tags=[scheme_name, config.dataset_used] + (
+                [config.model.partition(":")[0]] if config.model != DEFAULT_MODEL else []),
+            config=config.to_dict(),
             settings=wandb.Settings(silent=True, console="off"), reinit="create_new")
         self.run.define_metric("epoch")
         for key in (*EPOCH_KEYS, "weights/*", "biases/*", "weight_std/*", "rel_update/*"):

@@ -165,3 +165,19 @@ def test_online_without_network_fails_before_training(tiny_data, tmp_path, monke
                                       "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 2 and "cannot reach http://127.0.0.1:9" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_any_model_is_mirrored_layer_by_layer(tiny_data, tmp_path):
+    run_dir = offline_run(tiny_data, tmp_path, model="mlp:depth=3,width=16,act=tanh")
+    records = inspect(run_dir)
+    run = records["run"][0]
+    assert run["display_name"] == "mlp-depth=3-width=16-act=tanh-kaiming-s0"
+    assert run["tags"] == ["kaiming", "mnist", "mlp"]
+    keys = set().union(*(h["item"] for h in records["history"]))
+    for layer in ("layers.1", "layers.3", "layers.5"):
+        assert f"grad_norm/{layer}" in keys and f"weights/{layer}.bins" in keys
+    summary = {}
+    for update in records["summary"]:
+        summary |= update.get("update", {})
+    assert summary["init/layers.1/saturated_frac"] >= 0 and summary["status"] == "ok"
