@@ -69,3 +69,25 @@ def wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def assert_packed_step_is_each_models_own(models, x, y, masks) -> None:
+    """One step of a pack gives each model the loss and gradients it gets alone (packed: one
+    grouped computation; alone: channels-last), equal to float32 rounding."""
+    import torch
+    from initstudy.pack import Pack
+
+    def step(pack, xs, ys, ms):
+        logits = pack.logits(xs, ms)
+        losses = torch.stack([torch.nn.functional.cross_entropy(l, t)
+                              for l, t in zip(logits, ys)])
+        losses.sum().backward()
+        return losses.detach(), {n: p.grad for n, p in pack.params.items()}
+
+    packed_losses, packed_grads = step(Pack(models), x, y, masks)
+    for k, model in enumerate(models):
+        loss, grads = step(Pack([model]), x[k:k + 1], y[k:k + 1],
+                           tuple(m[k:k + 1] for m in masks))
+        assert torch.allclose(packed_losses[k], loss[0], rtol=1e-5)
+        for name, grad in grads.items():
+            assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-4, atol=1e-6), name

@@ -16,7 +16,7 @@ from initstudy.model import MLP, PlainCNN, dropout_shapes, init_layers, resolve_
 from initstudy.pack import Pack
 from initstudy.study import StudyError, expand
 
-from helpers import tiny_study, write_study
+from helpers import assert_packed_step_is_each_models_own, tiny_study
 
 
 @pytest.mark.parametrize("depth,width,act", [(1, 16, "relu"), (2, 256, "relu"), (30, 64, "tanh")])
@@ -162,19 +162,8 @@ def test_a_packed_step_on_an_mlp_with_dropout_is_each_models_own(user_models):
     assert len(masks) == 1 and masks[0].shape == (3, 8, 16)
     assert torch.allclose(masks[0].unique(), torch.tensor([0.0, 1 / 0.7]))
 
-    def step(pack, xs, ys, ms):
-        logits = pack.logits(xs, ms)
-        losses = torch.stack([nn.functional.cross_entropy(l, t) for l, t in zip(logits, ys)])
-        losses.sum().backward()
-        return losses.detach(), {n: p.grad for n, p in pack.params.items()}
-
-    packed_losses, packed_grads = step(Pack(models), x, y, masks)
-    for k, model in enumerate(models):
-        loss, grads = step(Pack([model]), x[k:k + 1], y[k:k + 1], (masks[0][k:k + 1],))
-        assert torch.allclose(packed_losses[k], loss[0], rtol=1e-5)
-        for name, grad in grads.items():
-            assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-4, atol=1e-6), name
-        # and the mask is what dropout did: the same as the model with those units zeroed
+    assert_packed_step_is_each_models_own(models, x, y, masks)
+    for k, model in enumerate(models):  # and the mask is what dropout did: the same as the model with those units zeroed
         with torch.no_grad():
             hidden = torch.relu(model.body[1](x[k].flatten(1))) * masks[0][k]
             assert torch.allclose(Pack([model]).logits(x[k:k + 1], (masks[0][k:k + 1],))[0],

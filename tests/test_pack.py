@@ -13,6 +13,8 @@ from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
 from initstudy.training import train_pack
 
+from helpers import assert_packed_step_is_each_models_own
+
 
 def configs(tiny_data, root, **overrides):
     common = dict(data_dir=str(tiny_data), epochs=2, batch_size=32, lr=0.01, log_every=3,
@@ -41,19 +43,7 @@ def test_a_packed_step_computes_each_runs_own_gradients():
     y = torch.randint(0, 10, (3, 16))
     masks = ((torch.rand(3, 16, 84) > 0.1).float() / 0.9,)
 
-    def step(pack, xs, ys, ms):
-        logits = pack.logits(xs, ms)
-        losses = torch.stack([torch.nn.functional.cross_entropy(l, t) for l, t in
-                              zip(logits, ys)])
-        losses.sum().backward()
-        return losses.detach(), {n: p.grad for n, p in pack.params.items()}
-
-    packed_losses, packed_grads = step(Pack(models), x, y, masks)
-    for k, model in enumerate(models):
-        loss, grads = step(Pack([model]), x[k:k + 1], y[k:k + 1], (masks[0][k:k + 1],))
-        assert torch.allclose(packed_losses[k], loss[0], rtol=1e-5)
-        for name, grad in grads.items():
-            assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-4, atol=1e-6), name
+    assert_packed_step_is_each_models_own(models, x, y, masks)
 
 
 @pytest.mark.slow
