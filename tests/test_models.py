@@ -163,7 +163,7 @@ def test_a_packed_step_on_an_mlp_with_dropout_is_each_models_own(user_models):
     assert torch.allclose(masks[0].unique(), torch.tensor([0.0, 1 / 0.7]))
 
     assert_packed_step_is_each_models_own(models, x, y, masks)
-    for k, model in enumerate(models):  # and the mask is what dropout did: the same as the model with those units zeroed
+    for k, model in enumerate(models):  # the mask is dropout: those hidden units zeroed
         with torch.no_grad():
             hidden = torch.relu(model.body[1](x[k].flatten(1))) * masks[0][k]
             assert torch.allclose(Pack([model]).logits(x[k:k + 1], (masks[0][k:k + 1],))[0],
