@@ -100,7 +100,7 @@ class MLP(nn.Module):
     """``depth`` Linear layers, ``width`` units wide, the activation after each but the last;
     no normalisation, no dropout: the plain deep nets of Glorot & Bengio and He et al."""
 
-    def __init__(self, depth: int = 3, width: int = 256, act: str = "relu"):
+    def __init__(self, depth: int, width: int, act: str):  # defaults: MODELS["mlp"]
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = INPUT_SHAPE[0] * INPUT_SHAPE[1] * INPUT_SHAPE[2]
@@ -119,7 +119,7 @@ class PlainCNN(nn.Module):
     28x28), the activation after each, then one Linear classifier; no normalisation, no
     pooling, no dropout."""
 
-    def __init__(self, depth: int = 5, channels: int = 16, act: str = "relu"):
+    def __init__(self, depth: int, channels: int, act: str):  # defaults: MODELS["cnn"]
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = INPUT_SHAPE[0]
