@@ -14,7 +14,10 @@ REPORTS = Path(__file__).resolve().parents[1] / "reports"
 TITLES = {"mnist-sample-lenet": "How the init changes LeNet's training on real MNIST digits "
                                 "(mnist-sample, 7 schemes x 5 seeds, 5 epochs, one lr)",
           "mnist-lenet-tuned": "Each init at its own best learning rate, chosen on validation "
-                               "(full MNIST, 7 schemes, 3 seeds, 3 epochs)"}
+                               "(full MNIST, 7 schemes, 3 seeds, 3 epochs)",
+          "depth-mlp": "Where the init decides whether a plain MLP trains at all: depth 2 to 50 "
+                       "(ReLU) and 5 to 30 (tanh), each init at its best learning rate (full "
+                       "MNIST, 1 epoch, 3 seeds)"}
 
 
 def main(names: list[str]) -> None:
