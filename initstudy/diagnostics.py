@@ -7,6 +7,7 @@ import copy
 import math
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -144,13 +145,18 @@ def histogram(name: str, param: str, values: torch.Tensor) -> dict[str, Any]:
         lo, hi = lo - 0.5, hi + 0.5
     counts, edges = torch.histogram(finite, bins=HISTOGRAM_BINS, range=(lo, hi))
     if param == "bias":  # few enough to keep: the note plots biases value by value
-        record["values"] = [v if math.isfinite(v) else None for v in flat.tolist()]
-    return record | {
-        "mean": finite.mean().item(),
-        "std": finite.std().item() if finite.numel() > 1 else 0.0,
-        "min": finite.min().item(), "max": finite.max().item(),
-        "edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
-    }
+        record["values"] = _f32(flat)
+    stats = torch.stack([finite.mean(), finite.std() if finite.numel() > 1 else
+                         torch.tensor(0.0), finite.min(), finite.max()])
+    return record | dict(zip(("mean", "std", "min", "max"), _f32(stats))) | {
+        "edges": _f32(edges), "counts": [int(c) for c in counts.tolist()]}
+
+
+def _f32(values: torch.Tensor) -> list[float | None]:
+    """float32 values as the shortest decimals that read back to the same float32 (half the
+    text of their float64 digits), None where not finite."""
+    return [float(str(v)) if np.isfinite(v) else None
+            for v in values.detach().float().cpu().numpy()]
 
 
 def layer_histograms(layers: Iterable[tuple[str, torch.nn.Module]]) -> list[dict[str, Any]]:

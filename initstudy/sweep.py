@@ -1,7 +1,7 @@
 """Running a study: every unfinished run, each in a fresh worker process on a free slot (a GPU,
 a share of the CPU cores) or as a Slurm job array, with a progress display.
 
-Local runs each get a fresh worker process (``python -m initstudy.worker CONFIGS_JSON``), or a
+Local runs each get a fresh worker process (``python -m initstudy.worker``, configs on stdin), or a
 pack of them with ``--pack K`` (trained together, ``train_pack``): a crash, an OOM or a killed
 worker fails that run (or pack) alone. Workers die with the sweep (PR_SET_PDEATHSIG), and a lock
 on ``OUT`` stops two sweeps from writing the same folder.
@@ -149,10 +149,15 @@ def _start(unit: list[RunConfig], slot: Slot) -> Worker:
         Path(config.out).mkdir(parents=True, exist_ok=True)
     log = open(Path(unit[0].out) / "worker.log", "w")  # a pack logs in its first run's folder
     process = subprocess.Popen(
-        [sys.executable, "-m", "initstudy.worker", json.dumps([c.to_dict() for c in unit])],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "initstudy.worker"], stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.PIPE, text=True,
         env=os.environ | slot.env | {"PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
     log.close()
+    try:
+        process.stdin.write(json.dumps([c.to_dict() for c in unit]))
+        process.stdin.close()
+    except BrokenPipeError:  # it died before reading: _finish records how it ended
+        pass
     return Worker(unit, slot, process)
 
 

@@ -1,6 +1,6 @@
 """A worker: trains planned runs (one, or a pack) in this process and records how each
-ended, whatever happens. ``python -m initstudy.worker CONFIGS_JSON`` is how a local sweep starts
-one in a fresh process."""
+ended, whatever happens. ``python -m initstudy.worker`` with the configs as JSON on stdin is how
+a local sweep starts one in a fresh process (on stdin, not in argv: a run records its argv)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def run_pack(configs: list[RunConfig]) -> list[str]:
         return ["failed"] * len(configs)
 
 
-def _worker_main(argv: list[str]) -> int:
-    """``python -m initstudy.worker CONFIGS_JSON``: one run or pack in a fresh process."""
-    configs = [RunConfig.from_dict(data) for data in json.loads(argv[1])]
+def _worker_main() -> int:
+    """``python -m initstudy.worker < CONFIGS_JSON``: one run or pack in a fresh process."""
+    configs = [RunConfig.from_dict(data) for data in json.load(sys.stdin)]
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:
         import torch
@@ -54,4 +54,4 @@ def _worker_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv))
+    sys.exit(_worker_main())
