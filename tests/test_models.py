@@ -2,6 +2,7 @@
 trainer (pack, dropout, run ids, CLI) on models other than the LeNet."""
 
 import json
+import subprocess
 import textwrap
 
 import pytest
@@ -16,7 +17,7 @@ from initstudy.model import MLP, PlainCNN, dropout_shapes, init_layers, resolve_
 from initstudy.pack import Pack
 from initstudy.study import StudyError, expand
 
-from helpers import assert_packed_step_is_each_models_own, tiny_study
+from helpers import assert_packed_step_is_each_models_own, sweep_cmd, tiny_study
 
 
 @pytest.mark.parametrize("depth,width,act", [(1, 16, "relu"), (2, 256, "relu"), (30, 64, "tanh")])
@@ -233,21 +234,27 @@ def test_cli_trains_inspects_and_lists_any_model(tiny_data, tmp_path, user_model
     assert bad.stderr.count("\n") == 1  # one line, no traceback
 
 
+@pytest.mark.slow
 def test_a_tiny_depth_sweep_ends_in_a_report_with_a_depth_figure(tmp_path, tiny_data):
+    """End to end as a user runs it: `initstudy sweep` of a depth axis (packed), then
+    `initstudy report`: the axis table and figures, and each depth a comparison of its own."""
     study = tiny_study(tmp_path, tiny_data, ["default", "kaiming"], seeds=2, epochs=1,
                        model=["mlp:depth=2,width=16", "mlp:depth=6,width=16"],
                        lr=[0.01, 0.1], tune=["lr"])
-    from initstudy.report import make_report
-    from initstudy.study import load_study, plan
-
-    runs = plan(load_study(study), tmp_path / "runs", wandb="disabled")
-    assert len(runs) == 2 * 2 * 2 * 2
-    for config in runs:
-        train(config)
-    readme = make_report([tmp_path / "runs"], tmp_path / "report", tune=["lr"])
-    text = readme.read_text()
-    assert "depth" in text and "figures/axis_depth.png" in text
-    assert (tmp_path / "report" / "figures" / "axis_depth.png").exists()
+    out = tmp_path / "runs"
+    swept = subprocess.run(sweep_cmd(study, out, "--pack", "4", "--wandb", "disabled"),
+                           capture_output=True, text=True, timeout=300)
+    assert swept.returncode == 0, swept.stderr
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 2 * 2 * 2 * 2
+    assert all(json.loads((p / "summary.json").read_text())["status"] == "ok" for p in folders)
+    result = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.stderr
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "## Along depth" in text and "| scheme | depth=2 | depth=6 |" in text
+    assert "mlp:depth=6,width=16" in text  # each depth a comparison of its own, never pooled
+    figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
+    assert {"axis_depth.png", "axis_depth_signal_1.png"} <= figures
 
 
 def test_axes_are_the_numbers_that_vary_and_the_rest_make_panels():
