@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from initstudy import LeNet, RunConfig, apply_scheme, build_model, train
+from initstudy import LeNet, RunConfig, apply_scheme, build_model
 from initstudy.cli import app
 from initstudy.errors import ConfigError, ModelError
 from initstudy.model import MLP, PlainCNN, dropout_shapes, init_layers, resolve_model
