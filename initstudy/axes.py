@@ -54,6 +54,13 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def axis_order(comparison: Comparison) -> tuple:
+    """A sort key: comparisons in the order of their coordinates, numbers by value (depth 2
+    before depth 10), anything else by its text."""
+    return tuple((name, (0, value, "") if _number(value) else (1, 0, str(value)))
+                 for name, value in sorted(coordinates(comparison).items()))
+
+
 def find_axes(analysed: list[tuple[Comparison, list[Selection]]]) -> list[Axis]:
     """Every axis along which at least two comparisons differ in it alone (within a panel)."""
     coords = [coordinates(c) for c, _ in analysed]

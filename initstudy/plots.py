@@ -223,14 +223,15 @@ def depth_profile(profiles: dict[str, dict[str, Any]], path: Path, images: int |
     signal = all(p["forward_key"] == "signal_std" for p in profiles.values())
     forward = ("forward: std over images of each layer's output" if signal else
                "forward: std of each layer's output (before activation)")
+    many = len(layers) > 6  # then numbers: 1 = the first layer, as depth is counted
     every = max(1, math.ceil(len(layers) / 12))  # at most a dozen tick labels
     for ax, what in zip(axes, (forward, "backward: std of the loss gradient at each layer's "
                                         "output")):
-        ax.set(title=what, xlabel="layer (forward order)", ylabel="std (log scale)")
-        ticks = range(0, len(layers), every)
-        ax.set_xticks(ticks, [layers[i] for i in ticks], fontsize=7,
-                      rotation=0 if len(layers) <= 6 else 45, ha="center" if len(layers) <= 6
-                      else "right")
+        ax.set(title=what, ylabel="std (log scale)",
+               xlabel=(f"layer number in forward order ({layers[0]} ... {layers[-1]})"
+                       if many else "layer (forward order)"))
+        ticks = range(0, len(layers), every) if many else range(len(layers))
+        ax.set_xticks(ticks, [str(i + 1) if many else layers[i] for i in ticks], fontsize=8)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.title.set_fontsize(10)
@@ -291,6 +292,10 @@ def band_lines(panels: dict[str, dict[str, list[dict[str, Any]]]], xlabel: str, 
             ax.scatter([], [], s=160, facecolors="none", edgecolors="black", label="chosen")
         if logx:
             ax.set_xscale("log")
+        values = sorted({p["x"] for line in lines.values() for p in line})
+        if len(values) <= 12:  # label the values tried, as written, not powers of ten
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.minorticks_off()
         ax.set(title=label or title, xlabel=xlabel + (" (log scale)" if logx else ""),
                ylabel="final validation accuracy (%)")
         ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import Analysis, compare
-from .axes import Axis, find_axes, schemes_of
+from .axes import Axis, axis_order, find_axes, schemes_of
 from .config import DEFAULT_MODEL, check_tune
 from .figures import axis_figures, figures, split_name
 from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
@@ -117,8 +117,10 @@ def axis_sections(axis: Axis, folder: Path, baseline: str) -> list[Section]:
                            f"{f' ({describe_values(point.comparison, best.values)})' if first.tuned else ''}"
                            f"{f' ({best.diverged}/{len(best.runs)} div)' if best.diverged else ''}")
             rows.append(row)
-        sections.append(Section("table", label, ["scheme"] + [f"{axis.name}={p.value:g}"
-                                                               for p in points], rows))
+        if label:
+            sections.append(Section("h3", label))
+        sections.append(Section("table", "", ["scheme"] + [f"{axis.name}={p.value:g}"
+                                                           for p in points], rows))
     sections += [Section("figure", caption, path=path)
                  for caption, path in axis_figures(axis, folder, baseline)]
     return sections
@@ -240,7 +242,7 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
         old.unlink()
     tuned = tuple(check_tune(study_tune(dirs) if tune is None else tune))
     title = title or f"Init study: {', '.join(Path(d).name for d in dirs)}"
-    groups = comparisons(runs, tuned)
+    groups = sorted(comparisons(runs, tuned), key=axis_order)
     shown = ", ".join(f"`{os.path.relpath(d, out)}`" for d in dirs)  # as seen from the report
     intro = (f"{len(runs)} runs from {shown}, in {len(groups)} comparison(s). Runs are compared "
              f"only when everything but the scheme"
