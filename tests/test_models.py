@@ -188,7 +188,9 @@ def test_model_counts_in_the_run_id_but_lenet_runs_keep_theirs():
     assert RunConfig(model="mlp:depth=20").run_id != RunConfig(model="mlp:depth=30").run_id
 
 
-def test_a_study_checks_its_models_before_anything_runs(tmp_path, tiny_data):
+def test_a_study_checks_its_models_before_anything_runs(tmp_path, tiny_data, user_models):
+    with pytest.raises(StudyError, match="N x 10 class scores"):  # built, not only parsed
+        expand({"model": ["mlp", "my_models:FiveScores"]})
     with pytest.raises(StudyError, match="unknown model 'resnet'"):
         expand({"schemes": ["default"], "model": ["mlp", "resnet"]})
     with pytest.raises(StudyError, match="no parameter 'layers'"):
