@@ -173,7 +173,7 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
     key = comparison.key
     model = key.get("model") or DEFAULT_MODEL
     head = (f"Comparison {index}: {'' if model == DEFAULT_MODEL else model + ', '}"
-            f"{key['dataset_used']}, {key['epochs']} epochs, "
+            f"{key['dataset_used']}, {key['epochs']} epoch{'s' if key['epochs'] != 1 else ''}, "
             f"{key['optimizer']} " + (f"at each scheme's best {', '.join(comparison.tuned)} "
                                       f"(chosen on validation)" if comparison.tuned
                                       else f"lr {key['lr']}"))
