@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RESULT_FIELDS
+from .config import DEFAULT_MODEL, RESULT_FIELDS
 from .errors import InitStudyError
 from .runfolder import FINISHED, read_jsonl
 
@@ -150,6 +150,8 @@ def compare_key(run: Run, tuned: tuple[str, ...] = ()) -> dict[str, Any]:
     the seeds and the tuned ones, with the dataset and split sizes actually used."""
     skip = {"scheme", "seed", "data_seed", "dataset", *tuned}
     key = {f: run.config.get(f) for f in RESULT_FIELDS if f not in skip}
+    if "model" in key:  # runs made before models were a choice trained the LeNet
+        key["model"] = key["model"] or DEFAULT_MODEL
     key["dataset_used"] = run.config.get("dataset_used")
     env = run.config.get("env") or {}
     key |= {s: env.get(s) for s in SPLITS}

@@ -315,3 +315,15 @@ def test_a_comparison_that_mixes_device_types_says_so(tmp_path):
     fake_run(tmp_path / "same", "default", 0, [0.1, 0.8, 0.9])
     make_report([tmp_path / "same"], tmp_path / "r2")
     assert "Mixed devices" not in (tmp_path / "r2" / "README.md").read_text()
+
+
+def test_runs_recorded_before_models_existed_compare_with_lenet_runs():
+    from pathlib import Path
+
+    from initstudy.results import Run, comparisons
+
+    old = Run(Path("old"), {"scheme": "default", "seed": 0, "lr": 0.01}, {"status": "ok"}, [])
+    new = Run(Path("new"), {"scheme": "kaiming", "seed": 0, "lr": 0.01, "model": "lenet"},
+              {"status": "ok"}, [])
+    (comparison,) = comparisons([old, new])
+    assert comparison.key["model"] == "lenet"
