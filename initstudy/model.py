@@ -227,6 +227,14 @@ def build_model(spec: str) -> nn.Module:
     return model
 
 
+def check_model(spec: str) -> ResolvedModel:
+    """The parsed spec, once a model built from it has passed ``build_model``'s checks; the
+    build draws from a forked RNG, so the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        build_model(spec)
+    return resolve_model(spec)
+
+
 def reference_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's own forward as class scores: the LeNet's layers in the document's order
     less its final Softmax (every ReLU sees its conv's whole output); any other model's

@@ -26,7 +26,7 @@ from typing import Any
 from .config import PACK_FIELDS, RunConfig, check_tune
 from .errors import InitStudyError
 from .runfolder import FINISHED
-from .model import build_model
+from .model import check_model
 from .schemes import resolve
 
 # Options a study may not set: each run's folder and the trainer's own records.
@@ -93,20 +93,13 @@ def expand(spec: dict[str, Any]) -> list[RunConfig]:
     if len(set(ids)) != len(ids):
         raise StudyError("the grid repeats a run (the same options twice in a list)")
     # A model is built once here (milliseconds): one that does not fit the seam fails now.
-    specs = [(resolve, c.scheme) for c in runs] + [(_check_model, c.model) for c in runs]
+    specs = [(resolve, c.scheme) for c in runs] + [(check_model, c.model) for c in runs]
     for check, spec_text in dict.fromkeys(specs):
         try:
             check(spec_text)
         except InitStudyError as exc:
             raise StudyError(str(exc)) from None
     return runs
-
-
-def _check_model(spec: str) -> None:
-    import torch
-
-    with torch.random.fork_rng(devices=[]):  # building draws from the global generator
-        build_model(spec)
 
 
 def _expand_grid(spec: dict[str, Any]) -> list[RunConfig]:

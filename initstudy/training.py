@@ -21,7 +21,7 @@ from .diagnostics import DIAG_SEED, init_diagnostics, snapshot, weight_dynamics
 from .environment import (HEAP_KEEP, environment, hold_freed_memory, numerics, on_device,
                           resolve_device)
 from .errors import ConfigError, InitStudyError, RunFailed
-from .model import INPUT_SHAPE, build_model, init_layers, resolve_model
+from .model import INPUT_SHAPE, build_model, check_model, init_layers
 from .pack import Pack
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
@@ -120,9 +120,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
             raise ConfigError(f"runs trained as one pack must differ only in scheme and seeds; "
                               f"'{f}' differs")
     schemes = [resolve(c.scheme) for c in configs]  # a bad spec fails before disk or data
-    model = resolve_model(first.model)
-    with torch.random.fork_rng(devices=[]):  # building draws; the caller's RNG stays as it was
-        build_model(first.model)  # a model that does not fit the seam fails before disk or data
+    model = check_model(first.model)  # a model that does not fit fails before disk or data
     device = resolve_device(first.device)
     if first.precision == "tf32" and device.type != "cuda":
         raise ConfigError("precision tf32 needs a CUDA device; use fp32 or bf16 on the CPU")
