@@ -171,6 +171,15 @@ def test_a_packed_step_on_an_mlp_with_dropout_is_each_models_own(user_models):
                                   model.body[4](hidden), atol=1e-5)
 
 
+def test_dropout_shapes_probe_the_model_on_its_own_device(user_models):
+    """A pack is built from models already on the training device: the probe image must go
+    there too (a CPU image met CUDA weights on the first GPU run). The meta device stands in
+    for a GPU here: any device but the CPU."""
+    assert dropout_shapes(LeNet().to("meta")) == [("classifer.3", 0.1, (84,))]
+    tiny = build_model("my_models:Tiny:hidden=16,p=0.3").to("meta")
+    assert [shape for _, _, shape in dropout_shapes(tiny)] == [(16,)]
+
+
 def test_packing_says_why_not_for_batch_norm(user_models):
     models = [build_model("my_models:Normed") for _ in range(2)]
     with pytest.raises(ConfigError, match="batch norm cannot be trained as a pack"):
