@@ -7,17 +7,20 @@ a warm-up.
     python scripts/bench.py                      # a table
     python scripts/bench.py --json bench.json    # and the numbers as JSON
     python scripts/bench.py --study              # on a GPU: also the MNIST study, as one pack
+    python scripts/bench.py --pack 1,5,25 --precision tf32   # which pack size trains fastest
 
 baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTensor and
             Normalize, DataLoader(batch_size=64, shuffle=True), NCHW fp32, loss.item() every step
 initstudy = the trainer of `initstudy run`, at its defaults
-packed    = --pack runs trained together by the same trainer (per-run images/s)
+packed    = --pack runs trained together by the same trainer (per-run images/s), for each
+            pack size given; the best is the one with the most images/s for all its runs
 ceiling   = fp32 matrix product GFLOP/s, the faster of torch.matmul and (on a CPU) oneDNN
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from initstudy import LeNet, RunConfig, apply_scheme
+from initstudy.config import PRECISIONS
 from initstudy.environment import resolve_device
 from initstudy.data import STATS
 from initstudy.sources import load_dataset
@@ -140,7 +144,7 @@ def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int
 
 
 def trainer(dataset: str, data_dir: str | None, images: int, repeats: int, pack: int,
-            device: str) -> float:
+            device: str, precision: str = "fp32") -> float:
     """Per-run images/s of initstudy's trainer at its defaults (median of repeats of one
     epoch each, after a warm-up), for ``pack`` runs trained together. No validation split:
     ``images`` may be the whole training set, and only training steps are timed."""
@@ -149,7 +153,7 @@ def trainer(dataset: str, data_dir: str | None, images: int, repeats: int, pack:
         for i in range(repeats + 1):
             configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
                                  epochs=1, val_size=0, train_subset=images, device=device,
-                                 quiet=True,
+                                 precision=precision, quiet=True,
                                  wandb="disabled", diag_batch=0, out=f"{tmp}/{i}-{k}")
                        for k in range(pack)]
             summaries = train_pack(configs)
@@ -158,17 +162,17 @@ def trainer(dataset: str, data_dir: str | None, images: int, repeats: int, pack:
     return statistics.median(rates)
 
 
-def peak_rss_mb(dataset: str, data_dir: str | None, device: str) -> float:
-    """Peak resident memory of `initstudy run` at its defaults (2 epochs; wandb offline, whose
-    own service process is not counted), in MB: the child's own VmHWM, read as it exits
-    (Linux). getrusage's children maxrss would count this process's memory too, which a
-    forked child starts with."""
+def peak_rss_mb(dataset: str, data_dir: str | None, device: str, wandb: str) -> float:
+    """Peak resident memory of `initstudy run` at its defaults (2 epochs; wandb in mode
+    ``wandb``; its service is a process of its own, not counted), in MB: the child's own VmHWM,
+    read as it exits (Linux). getrusage's children maxrss would count this process's memory
+    too, which a forked child starts with."""
     report = ("import atexit, sys; atexit.register(lambda: print('VmHWM', [l.split()[1] for l in "
               "open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)); "
               "from initstudy.cli import main; sys.argv[0] = 'initstudy'; main()")
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-c", report, "run", "--dataset", dataset, "--epochs", "2",
-                   "--device", device, "--wandb", "offline", "-q", "--out", tmp]
+                   "--device", device, "--wandb", wandb, "-q", "--out", tmp]
         result = subprocess.run(command + (["--data-dir", data_dir] if data_dir else []),
                                 capture_output=True, text=True)
     if result.returncode:
@@ -201,7 +205,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--images", type=int, default=2000, help="images per repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pack", type=int, default=4)
+    parser.add_argument("--pack", type=_sizes, default=[4], metavar="K[,K...]",
+                        help="pack sizes to time (default 4)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="of the trainer's rows (the baseline is fp32)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--data-dir", help="data root (as `initstudy run --data-dir`)")
     parser.add_argument("--study", type=Path, nargs="?", const=MNIST_STUDY, metavar="FILE",
@@ -217,28 +224,32 @@ def main() -> None:
                                         if device.type == "cuda" else ""),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "dataset": data.name, "images_per_repeat": args.images,
-               "repeats": args.repeats, "flops_per_image": flops}
+               "repeats": args.repeats, "precision": args.precision, "flops_per_image": flops}
     # The baseline first, while this process's malloc is as a researcher's script finds it:
     # the trainer changes it for good (hold_freed_memory), and is measured after.
     results["baseline"] = {"images_per_second": baseline(data, device, args.images,
                                                           args.repeats)}
     results["initstudy"] = {"images_per_second": trainer(
-        args.dataset, args.data_dir, args.images, args.repeats, 1, str(device))}
-    results["packed"] = {"runs": args.pack, "images_per_second": trainer(
-        args.dataset, args.data_dir, args.images, args.repeats, args.pack, str(device))}
+        args.dataset, args.data_dir, args.images, args.repeats, 1, str(device), args.precision)}
+    results["packed"] = [{"runs": k, "images_per_second": trainer(
+        args.dataset, args.data_dir, args.images, args.repeats, k, str(device), args.precision)}
+        for k in args.pack]
     if device.type == "cpu":  # how much of the gain is the allocator's: the same loop again
         results["baseline_malloc_held"] = {"images_per_second": baseline(
             data, device, args.images, args.repeats)}
     results["ceiling_by_library"] = ceiling_gflops(device, args.repeats)
     results["ceiling_gflops"] = max(results["ceiling_by_library"].values())
-    for name in ("initstudy", "packed"):
-        rate = results[name]["images_per_second"]
-        runs = results[name].get("runs", 1)
-        results[name]["vs_baseline"] = rate * runs / results["baseline"]["images_per_second"]
-        results[name]["gflops"] = rate * runs * flops / 1e9
+    for row in [results["initstudy"], *results["packed"]]:
+        rate, runs = row["images_per_second"], row.get("runs", 1)
+        row["vs_baseline"] = rate * runs / results["baseline"]["images_per_second"]
+        row["gflops"] = rate * runs * flops / 1e9
+    results["best_pack"] = max(results["packed"], key=lambda r: r["gflops"])["runs"]
     results["initstudy_fraction_of_ceiling"] = (results["initstudy"]["gflops"]
                                                 / results["ceiling_gflops"])
-    results["peak_rss_mb"] = peak_rss_mb(args.dataset, args.data_dir, str(device))
+    # wandb offline, as a run's default; a machine without wandb measures without it
+    results["peak_rss_wandb"] = "offline" if importlib.util.find_spec("wandb") else "disabled"
+    results["peak_rss_mb"] = peak_rss_mb(args.dataset, args.data_dir, str(device),
+                                         results["peak_rss_wandb"])
     if args.study:
         results["study"] = study(args.study, study_runs, args.data_dir, device)
         r = results["study"]
@@ -246,7 +257,8 @@ def main() -> None:
                                     / results["ceiling_gflops"])
 
     print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, "
-          f"{data.name}, {flops / 1e9:.3f} GFLOP per training image")
+          f"{data.name}, {flops / 1e9:.3f} GFLOP per training image, trainer in "
+          f"{args.precision}")
     print(f"{'':10} {'images/s':>10} {'x baseline':>11} {'GFLOP/s':>9}")
     base = results["baseline"]["images_per_second"]
     print(f"{'baseline':10} {base:10.0f} {1:11.2f} {base * flops / 1e9:9.1f}")
@@ -254,17 +266,18 @@ def main() -> None:
         held = results["baseline_malloc_held"]["images_per_second"]
         print(f"{'(baseline':10} {held:10.0f} {held / base:11.2f} {held * flops / 1e9:9.1f}   "
               f"with initstudy's malloc setting, measured after it)")
-    for name in ("initstudy", "packed"):
-        r = results[name]
-        label = name if name == "initstudy" else f"packed x{r['runs']}"
+    for r in [results["initstudy"], *results["packed"]]:
+        label = f"packed x{r['runs']}" if "runs" in r else "initstudy"
+        best = "  <- best pack" if r.get("runs") == results["best_pack"] else ""
         print(f"{label:10} {r['images_per_second']:10.0f} {r['vs_baseline']:11.2f} "
-              f"{r['gflops']:9.1f}   (per run; x baseline and GFLOP/s for all runs)")
+              f"{r['gflops']:9.1f}   (per run; x baseline and GFLOP/s for all runs){best}")
     by_library = ", ".join(f"{name} {gflops:.0f}"
                            for name, gflops in results["ceiling_by_library"].items())
     print(f"ceiling    {results['ceiling_gflops']:.1f} GFLOP/s (fp32 matrix product: "
           f"{by_library}); initstudy reaches {100 * results['initstudy_fraction_of_ceiling']:.0f}%"
           f" of it")
-    print(f"peak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB")
+    print(f"peak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB (wandb "
+          f"{results['peak_rss_wandb']})")
     if args.study:
         r = results["study"]
         print(f"study {r['study']}: {r['runs']} runs as one pack in {r['seconds']:.0f} s, "
@@ -272,6 +285,18 @@ def main() -> None:
               f"{100 * r['fraction_of_ceiling']:.0f}% of the ceiling")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _sizes(text: str) -> list[int]:
+    """``4`` or ``1,5,25``: positive pack sizes."""
+    try:
+        sizes = [int(k) for k in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"pack sizes are positive integers, e.g. 1,5,25; "
+                                         f"got {text!r}")
+    return sizes
 
 
 if __name__ == "__main__":

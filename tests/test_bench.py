@@ -18,14 +18,17 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--dataset", "mnist", "--data-dir", str(tiny_data),
-         "--images", "192", "--repeats", "1", "--pack", "2", "--json", str(out),
+         "--images", "192", "--repeats", "1", "--pack", "2,3", "--json", str(out),
          "--study", str(study), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
     assert numbers["device"] == "cpu" and numbers["dataset"] == "mnist"
-    for name in ("baseline", "baseline_malloc_held", "initstudy", "packed"):
+    for name in ("baseline", "baseline_malloc_held", "initstudy"):
         assert numbers[name]["images_per_second"] > 0, name
-    assert numbers["packed"]["runs"] == 2
+    assert [r["runs"] for r in numbers["packed"]] == [2, 3]
+    assert all(r["images_per_second"] > 0 for r in numbers["packed"])
+    fastest = max(numbers["packed"], key=lambda r: r["images_per_second"] * r["runs"])
+    assert numbers["best_pack"] == fastest["runs"]
     # FLOPs counted by hand from the layer shapes: multiply-adds of each layer's forward pass
     # (conv1 on the 32x32 padded image -> 28x28, conv2 on 14x14 -> 10x10, conv3 on 5x5 -> 1x1,
     # then the two linears), 2 FLOPs each; backward twice the forward, but for the image's own
@@ -43,5 +46,6 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     assert numbers["study"]["runs"] == 4 and numbers["study"]["seconds"] > 0
     assert numbers["study"]["device"] == "cpu"  # on the device named, even on a GPU host
     assert numbers["study"]["images_per_second_per_run"] > 0
-    for line in ("x baseline", "packed x2", "ceiling", "peak RSS", "study "):
+    for line in ("x baseline", "packed x2", "packed x3", "<- best pack", "ceiling", "peak RSS",
+                 "study "):
         assert line in result.stdout, line
