@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import typing
 from inspect import Parameter, Signature
@@ -19,7 +20,7 @@ from .diagnostics import LAYER_STATS, inspect_scheme
 from .model import MODELS, build_model, init_layers
 from .plots import layer_pictures
 from .report import make_report
-from .errors import InitStudyError
+from .errors import InitStudyError, Terminated, raise_terminated
 from .schemes import SCHEME_COLUMNS, apply_scheme, scheme_rows, scheme_table_markdown
 from .sources import fetch_dataset, import_pickle, inventory
 from .study import load_study, plan
@@ -34,18 +35,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _clean_errors(command: Callable) -> Callable:
-    """Turn user-facing errors into one line on stderr and exit status 2, Ctrl-C into 130."""
+    """Turn user-facing errors into one line on stderr and exit status 2, Ctrl-C into 130 and
+    SIGTERM into 143, each after the run in flight has recorded ``interrupted``."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
         try:
             return command(*args, **kwargs)
         except InitStudyError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -1,6 +1,16 @@
 """User-facing errors: the CLI prints their message as one line, without a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler's time limit), handled as Ctrl-C is: the
+    runs in flight are stopped and say ``interrupted``."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """A SIGTERM handler (``signal.signal(signal.SIGTERM, raise_terminated)``)."""
+    raise Terminated()
+
+
 class InitStudyError(Exception):
     """Something the user can fix: a bad option, a missing file, an unavailable device."""
 

@@ -3,8 +3,9 @@ a share of the CPU cores) or as a Slurm job array, with a progress display.
 
 Local runs each get a fresh worker process (``python -m initstudy.worker``, configs on stdin), or a
 pack of them with ``--pack K`` (trained together, ``train_pack``): a crash, an OOM or a killed
-worker fails that run (or pack) alone. Workers die with the sweep (PR_SET_PDEATHSIG), and a lock
-on ``OUT`` stops two sweeps from writing the same folder.
+worker fails that run (or pack) alone. Ctrl-C or SIGTERM stops the workers, whose runs say
+``interrupted``; workers die with the sweep however it ends (PR_SET_PDEATHSIG). A lock on
+``OUT`` stops two sweeps from writing the same folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .errors import raise_terminated
 from .runfolder import FINISHED
 from .slurm import submit_slurm, wait_slurm
 from .study import STUDY_OPTIONS, Study, StudyError, _summary, packs, plan, status, to_do
@@ -110,13 +113,15 @@ def run_local(units: list[list[RunConfig]], slots: list[Slot], report=None) -> N
 
     ``report(event, config, status)`` is called per run with "start" and "end". A worker that
     dies without recording a result (killed, out of memory) leaves its runs ``failed`` with its
-    exit code and the tail of its log. Ctrl-C interrupts the workers (they record
-    ``interrupted``), waits for them and re-raises.
+    exit code and the tail of its log. Ctrl-C or SIGTERM (as ``Terminated``) interrupts the
+    workers (they record ``interrupted``), waits for them and re-raises.
     """
     pending: deque[list[RunConfig]] = deque(units)
     free = list(slots)
     running: list[Worker] = []
     report = report or (lambda *args: None)
+    main = threading.current_thread() is threading.main_thread()  # where signals are handled
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
     try:
         while pending or running:
             while pending and free:
@@ -141,6 +146,9 @@ def run_local(units: list[list[RunConfig]], slots: list[Slot], report=None) -> N
                 worker.process.wait()
             _finish(worker, ended_as="interrupted")  # one caught before it could say so
         raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _start(unit: list[RunConfig], slot: Slot) -> Worker:

@@ -15,6 +15,8 @@ from initstudy.cli import app
 from initstudy.data import FILES
 from initstudy.schemes import SCHEMES
 
+from helpers import wait_for
+
 runner = CliRunner()
 
 
@@ -146,6 +148,23 @@ def test_bad_input_is_one_clear_line(tiny_data, tmp_path, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigterm_says_interrupted(tiny_data, tmp_path):
+    """kill, timeout or a scheduler's time limit: the run's folder says what happened."""
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "initstudy.cli", "run", "--epochs", "500",
+                            "--data-dir", str(tiny_data), "--device", "cpu", "--wandb",
+                            "disabled", "-q", "--out", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"  # an epoch done: training, not starting up
+    assert wait_for(lambda: metrics.exists() and '"epoch": 1' in metrics.read_text(), 120)
+    run.terminate()
+    assert run.wait(timeout=60) == 143
+    assert "interrupted" in run.stderr.read()
+    recorded = json.loads((out / "summary.json").read_text())
+    assert recorded["status"] == "interrupted" and "Terminated" in recorded["error"]
 
 
 @pytest.mark.slow

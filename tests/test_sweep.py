@@ -212,7 +212,7 @@ def workers_of(out: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C", "SIGTERM"])
 def test_killed_sweep_resumes_with_every_run_done_exactly_once(tmp_path, tiny_data, how):
     study = tiny_study(tmp_path, tiny_data, ["default", "xavier", "kaiming"], seeds=2,
                        epochs=4)
@@ -226,10 +226,12 @@ def test_killed_sweep_resumes_with_every_run_done_exactly_once(tmp_path, tiny_da
                     any(status(c) == "pending" for c in runs), timeout=120)
     if how == "SIGKILL":
         sweep.kill()
+    elif how == "SIGTERM":  # kill, timeout, a scheduler: the sweep alone gets it
+        sweep.terminate()
     else:  # a terminal's Ctrl-C reaches the whole foreground process group
         os.killpg(sweep.pid, signal.SIGINT)
     code = sweep.wait(timeout=60)
-    assert code == (-9 if how == "SIGKILL" else 130)
+    assert code == {"SIGKILL": -9, "Ctrl-C": 130, "SIGTERM": 143}[how]
     assert wait_for(lambda: not workers_of(out), timeout=30)  # no orphan trains on
     # What had finished when the sweep and its workers were gone (a run may end between the
     # wait above and the signal).
@@ -237,7 +239,7 @@ def test_killed_sweep_resumes_with_every_run_done_exactly_once(tmp_path, tiny_da
                        for c in runs if status(c) == "ok"}
     left = {status(c) for c in runs} - {"ok"}
     assert left <= {"running", "pending", "interrupted"} and left
-    if how == "Ctrl-C":
+    if how != "SIGKILL":
         assert "running" not in left  # interrupted workers said so
 
     result = subprocess.run(sweep_cmd(study, out, "--wandb", "disabled"), capture_output=True,
