@@ -8,7 +8,7 @@
 #    scripts/bench.py in fp32 and tf32 at pack sizes 1, 5, 10, 25 (--study on the small
 #    sweep): bench-*.json;
 # 2. experiments/mnist-lenet-tuned-full.toml with `initstudy sweep --gpus 0` at the pack size
-#    that trained fastest in tf32 (the study's precision; 25 without a bench), 2 jobs per GPU
+#    that trained fastest in tf32 (the study's precision; 25 without a bench), one job per GPU
 #    (4 when unpacked), into reports/mnist-lenet-tuned-full/runs, resuming the runs committed
 #    there, stopped (SIGTERM: interrupted runs say so) SECONDS after the start. The folder
 #    comes back as runs.tgz.* (split to under 16 MB), with timing.json and the GPU's
@@ -58,7 +58,7 @@ EOF
     fi
     pack=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_pack"])' \
         "$out/bench-tf32.json" 2>/dev/null || echo 25)
-    jobs=$([ "$pack" = 1 ] && echo 4 || echo 2)
+    jobs=$([ "$pack" = 1 ] && echo 4 || echo 1)  # docs/performance.md: why one
     echo "study: pack $pack, $jobs jobs per GPU"
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 \
         > "$out/gpu-utilisation.csv" &
