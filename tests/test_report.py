@@ -327,3 +327,28 @@ def test_runs_recorded_before_models_existed_compare_with_lenet_runs():
               {"status": "ok"}, [])
     (comparison,) = comparisons([old, new])
     assert comparison.key["model"] == "lenet"
+
+
+def test_make_report_script_leaves_an_unfinished_study_for_later(tmp_path):
+    """scripts/make_report.py remakes every committed report, but not one whose study is still
+    being run across sessions: counted by finished folders against the study file's runs."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_report.py"
+    spec = importlib.util.spec_from_file_location("make_report", script)
+    make_report_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_report_script)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert make_report_script.unfinished(runs) is None  # no study file: an old report
+    (runs / "study.toml").write_text('name = "two"\nschemes = ["default", "xavier"]\n'
+                                     'seeds = 2\ndataset = "mnist-sample"\n')
+    fake_run(runs, "default", 0, [0.5, 0.9])
+    fake_run(runs, "default", 1, [0.5, 0.9], status="diverged")
+    killed = fake_run(runs, "xavier", 0, [0.5, 0.9], status="running")
+    assert make_report_script.unfinished(runs) == "2 of 4 runs finished"
+    fake_run(runs, "xavier", 1, [0.5, 0.9])
+    assert make_report_script.unfinished(runs) == "3 of 4 runs finished"
+    summary = json.loads((killed / "summary.json").read_text()) | {"status": "ok"}
+    (killed / "summary.json").write_text(json.dumps(summary))  # resumed and finished
+    assert make_report_script.unfinished(runs) is None
