@@ -3,6 +3,7 @@ saved records of the runs at each scheme's chosen setting."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
     from .analysis import Analysis
 
 MOST_LAYERS = 6  # per-layer figures of deeper models show this many layers, evenly spaced
+# The sensitivity figure's second panel: the top this many points (of accuracy, in %), where
+# schemes that all train are told apart.
+ZOOM_POINTS = 3.0
 
 
 def _shown(layers: list[str]) -> list[str]:
@@ -78,15 +82,21 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
 
     if analysis.comparison.tuned:
         option = analysis.comparison.tuned[0]
+        lines = _sensitivity_lines(analysis)
+        top = max((p["hi"] for line in lines.values() for p in line if math.isfinite(p["hi"])),
+                  default=100.0)
+        zoom = f"within {ZOOM_POINTS:g} points of the best"
         add(f"Sensitivity: final validation accuracy ({split_name(analysis, 'val')}) against "
-            f"{option}; mean over seeds with its 95% bootstrap band; a cross marks a setting "
-            f"where a seed diverged, a ring the setting chosen.",
-            plots.band_lines({"": _sensitivity_lines(analysis)}, option,
+            f"{option}, over the whole range (left) and {zoom} (right); mean over seeds with "
+            f"its 95% bootstrap band; a cross marks a setting where a seed diverged, a ring the "
+            f"setting chosen.",
+            plots.band_lines({"every value tried": lines, zoom: lines}, option,
                              f"validation accuracy against {option}",
                              folder / f"{prefix}sensitivity.png",
                              logx=all(isinstance(v, (int, float)) and v > 0 for sel in
                                       analysis.selections for s in sel.settings
-                                      for v in s.values[:1])))
+                                      for v in s.values[:1]),
+                             ylims={zoom: (top - ZOOM_POINTS, top + 0.1 * ZOOM_POINTS)}))
     last_loss = lambda run: next((r["train/loss"] for r in reversed(run.steps)
                                   if r.get("train/loss") is not None), None)
     add("Train loss (training split) against step: mean over seeds, band = ±1 std; × where a "

@@ -260,11 +260,12 @@ def final_accuracy(points: dict[str, list[float]], intervals: dict[str, tuple[fl
 
 
 def band_lines(panels: dict[str, dict[str, list[dict[str, Any]]]], xlabel: str, title: str,
-               path: Path, logx: bool = False) -> Path:
+               path: Path, logx: bool = False,
+               ylims: dict[str, tuple[float, float]] | None = None) -> Path:
     """Validation accuracy against a number, one panel per label and one line per scheme: the
     mean over seeds at each value (``{"x", "mean", "lo", "hi", "diverged", "n"}``, optionally
     ``"chosen"``) with its interval band, a cross where a seed diverged, a ring where
-    ``chosen``."""
+    ``chosen``. ``ylims`` limits the y axis of the panels it names (a zoom)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(9 if len(panels) == 1 else 7 * len(panels),
                                                       5.5), squeeze=False)
     for ax, (label, lines) in zip(axes[0], panels.items()):
@@ -298,6 +299,8 @@ def band_lines(panels: dict[str, dict[str, list[dict[str, Any]]]], xlabel: str, 
             ax.minorticks_off()
         ax.set(title=label or title, xlabel=xlabel + (" (log scale)" if logx else ""),
                ylabel="final validation accuracy (%)")
+        if label in (ylims or {}):
+            ax.set_ylim(*ylims[label])
         ax.grid(alpha=0.3)
         _legend(ax, fontsize=8, loc="lower left")
     if len(panels) > 1:

@@ -246,6 +246,7 @@ def test_tuned_report_names_splits_tables_and_figures(tuned_study, tmp_path):
     figures = {p.name for p in (out / "figures").glob("*.png")}
     assert {"sensitivity.png", "val_acc.png", "test_acc.png"} <= figures
     assert "![Sensitivity: final validation accuracy" in readme
+    assert "over the whole range (left) and within 3 points of the best (right)" in readme
     # The same folder untuned: lr differs, so each lr is its own comparison.
     untuned = CliRunner().invoke(app, ["report", str(tuned_study), "--out", str(tmp_path / "u"),
                                        "--tune", "lr", "--tune", "momentum"])
@@ -352,3 +353,18 @@ def test_make_report_script_leaves_an_unfinished_study_for_later(tmp_path):
     summary = json.loads((killed / "summary.json").read_text()) | {"status": "ok"}
     (killed / "summary.json").write_text(json.dumps(summary))  # resumed and finished
     assert make_report_script.unfinished(runs) is None
+
+
+def test_sensitivity_zoom_panel_is_limited_to_the_top(monkeypatch, tmp_path):
+    """The right panel shows the top 3 points, where schemes that all train differ."""
+    from initstudy import plots
+
+    saved = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.setdefault("axes", fig.axes))
+    line = [{"x": x, "mean": m, "lo": m - 0.2, "hi": m + 0.2, "diverged": 0, "n": 3}
+            for x, m in ((0.01, 98.0), (0.1, 98.5), (1.0, 10.0))]
+    plots.band_lines({"all": {"a": line}, "top": {"a": line}}, "lr", "t", tmp_path / "s.png",
+                     logx=True, ylims={"top": (95.7, 99.0)})
+    full, zoom = saved["axes"]
+    assert zoom.get_ylim() == (95.7, 99.0) and full.get_ylim()[0] < 10
+    assert full.get_xscale() == zoom.get_xscale() == "log"
