@@ -268,7 +268,8 @@ def band_lines(panels: dict[str, dict[str, list[dict[str, Any]]]], xlabel: str, 
     ``chosen``. ``ylims`` limits the y axis of the panels it names (a zoom)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(9 if len(panels) == 1 else 7 * len(panels),
                                                       5.5), squeeze=False)
-    for ax, (label, lines) in zip(axes[0], panels.items()):
+    same = len({tuple(lines) for lines in panels.values()}) == 1  # then one legend says it all
+    for i, (ax, (label, lines)) in enumerate(zip(axes[0], panels.items())):
         for scheme, color in _colors(list(lines)).items():
             points = sorted((p for p in lines[scheme] if math.isfinite(p["mean"])),
                             key=lambda p: p["x"])
@@ -295,14 +296,27 @@ def band_lines(panels: dict[str, dict[str, list[dict[str, Any]]]], xlabel: str, 
             ax.set_xscale("log")
         values = sorted({p["x"] for line in lines.values() for p in line})
         if len(values) <= 12:  # label the values tried, as written, not powers of ten
-            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.set_xticks(values, [f"{v:g}" for v in values], rotation=45 if len(values) > 6
+                          else 0)
             ax.minorticks_off()
         ax.set(title=label or title, xlabel=xlabel + (" (log scale)" if logx else ""),
                ylabel="final validation accuracy (%)")
         if label in (ylims or {}):
-            ax.set_ylim(*ylims[label])
+            _zoom(ax, lines, ylims[label], logx)
         ax.grid(alpha=0.3)
-        _legend(ax, fontsize=8, loc="lower left")
+        if i == 0 or not same:
+            _legend(ax, fontsize=8, loc="best")
     if len(panels) > 1:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def _zoom(ax, lines: dict[str, list[dict[str, Any]]], ylim: tuple[float, float],
+          logx: bool) -> None:
+    """Limit ``ax`` to ``ylim`` and to the values whose mean falls inside it."""
+    ax.set_ylim(*ylim)
+    inside = [p["x"] for line in lines.values() for p in line if ylim[0] <= p["mean"] <= ylim[1]]
+    if inside:
+        lo, hi = min(inside), max(inside)
+        ax.set_xlim(*((lo / 1.5, hi * 1.5) if logx else
+                      (lo - 0.05 * (hi - lo or 1), hi + 0.05 * (hi - lo or 1))))

@@ -368,3 +368,6 @@ def test_sensitivity_zoom_panel_is_limited_to_the_top(monkeypatch, tmp_path):
     full, zoom = saved["axes"]
     assert zoom.get_ylim() == (95.7, 99.0) and full.get_ylim()[0] < 10
     assert full.get_xscale() == zoom.get_xscale() == "log"
+    assert zoom.get_xlim() == pytest.approx((0.01 / 1.5, 0.1 * 1.5))  # lr 1 is off the top
+    assert full.get_xlim()[1] > 1
+    assert full.get_legend() is not None and zoom.get_legend() is None  # the same lines
