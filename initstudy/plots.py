@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .runfolder import HISTOGRAM_BINS  # noqa: E402
 
@@ -103,6 +104,7 @@ def mean_curves(series: dict[str, list[list[tuple[float, float]]]], path: Path, 
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole
     ax.grid(alpha=0.3)
     _legend(ax, fontsize=8)
     return _save(fig, path)
@@ -139,10 +141,11 @@ def _span(values: list[float]) -> tuple[float, float] | None:
 def _off_scale(ax, init: tuple[float, float] | None, final: tuple[float, float] | None,
                nonfinite: int, axis: str) -> bool:
     """Keep the panel on the init's scale when the final values left it (a diverged run's
-    weights reach 1e23): say the final range in the panel instead. True when it did."""
-    if init is None:
+    weights reach 1e23): say the final range in the panel instead. True when it did. A
+    constant init (zero biases) sets no scale: its finite final values are drawn as they are."""
+    if init is None or (init[0] == init[1] and not nonfinite):
         return False
-    width = max(init[1] - init[0], 1e-12)
+    width = init[1] - init[0] or max(abs(init[0]), 0.05)  # a constant init: its own size
     if not nonfinite and final is not None and final[1] - final[0] <= OFF_SCALE * width:
         return False
     text = (f"final: {nonfinite} non-finite" if nonfinite and final is None else
@@ -202,10 +205,16 @@ def bias_grid(records: dict[str, dict[str, tuple[dict, dict]]], layers: list[str
         hidden = values(final) is not None and _off_scale(
             ax, _span(values(init) or []), _span(values(final)),
             sum(v is None for v in values(final)), "y")
+        shown = []
         for record, label, color in ((init, "init", "tab:gray"), (final, "final", "tab:blue")):
             if values(record) and not (label == "final" and hidden):
                 ax.plot([math.nan if v is None else v for v in values(record)], color=color,
                         lw=1, label=label)
+                shown += values(record)
+        span = _span(shown)
+        if not hidden and span and span[1] - span[0] <= 1e-6 * max(1.0, abs(span[0])):
+            pad = max(0.5 * abs(span[0]), 0.05)  # all one value: show it, not float noise
+            ax.set_ylim(span[0] - pad, span[1] + pad)
 
     return _grid(records, layers, path, title, draw, "output unit", "bias value")
 

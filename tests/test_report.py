@@ -297,7 +297,32 @@ def test_weight_panels_keep_the_init_scale_when_the_final_weights_blow_up():
     assert "final spans [-3e+23, 5e+23]" in ax.texts[0].get_text()
     fig2, ax2 = plt.subplots()
     assert not _off_scale(ax2, (-1.0, 1.0), (-1.5, 1.5), 0, "x")  # on scale: drawn as is
+    # Zero biases at init set no scale: trained biases are drawn, not called off-scale...
+    assert not _off_scale(ax2, (0.0, 0.0), (-0.02, 0.01), 0, "y")
+    assert not _off_scale(ax2, (0.1, 0.1), (-85.5, 3.2), 0, "y")
+    # ...unless they went non-finite: then the panel keeps a scale around the init.
+    fig3, ax3 = plt.subplots()
+    assert _off_scale(ax3, (0.0, 0.0), None, 84, "y")
+    assert ax3.get_ylim() == pytest.approx((-0.005, 0.005))
     plt.close("all")
+
+
+def test_bias_panels_show_trained_biases_and_constant_ones(monkeypatch, tmp_path):
+    """Kaiming's zero biases at init must not hide the trained ones (a panel scaled to 1e-13);
+    biases that never moved from 0.1 show as a line at 0.1, not as float noise."""
+    from initstudy import plots
+
+    saved = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.setdefault("axes", fig.axes))
+    zero, trained = {"values": [0.0] * 4}, {"values": [-0.02, 0.01, 0.005, 0.0]}
+    still = {"values": [0.1] * 4}
+    plots.bias_grid({"kaiming": {"fc": (zero, trained)}, "custom": {"fc": (still, still)}},
+                    ["fc"], tmp_path / "b.png", "biases")
+    kaiming, custom = saved["axes"]
+    lo, hi = kaiming.get_ylim()
+    assert lo <= -0.02 and hi >= 0.01 and not kaiming.texts  # drawn, nothing "off this scale"
+    lo, hi = custom.get_ylim()
+    assert lo < 0.1 - 0.01 and hi > 0.1 + 0.01
 
 
 @pytest.mark.slow
