@@ -13,8 +13,9 @@ from initstudy.results import load_runs
 from initstudy.study import load_study, plan
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
-TITLES = {"mnist-sample-lenet": "How the init changes LeNet's training on real MNIST digits "
-                                "(mnist-sample, 7 schemes x 5 seeds, 5 epochs, one lr)",
+TITLES = {"mnist-sample-lenet": "A small-data sample at one learning rate, not a fair ranking: "
+                                "LeNet on 4,000 real MNIST digits (mnist-sample, 7 schemes x 5 "
+                                "seeds, 5 epochs, SGD lr 0.01 for all)",
           "mnist-lenet-tuned": "Each init at its own best learning rate, chosen on validation "
                                "(full MNIST, 7 schemes, 3 seeds, 3 epochs)",
           "depth-mlp": "Where the init decides whether a plain MLP trains at all: depth 2 to 50 "
