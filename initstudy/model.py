@@ -281,7 +281,8 @@ def dropout_shapes(model: nn.Module) -> list[tuple[str, float, tuple[int, ...]]]
     """(name, p, shape of one image's mask) of each nn.Dropout, in the order the training
     forward calls them: the masks a trainer draws for a batch (the LeNet: one, 84 units)."""
     was_training = model.training
-    image = torch.zeros(1, *INPUT_SHAPE, device=next(model.parameters()).device)
+    weight = next(model.parameters())  # the probe goes where the model is, in its dtype
+    image = torch.zeros(1, *INPUT_SHAPE, device=weight.device, dtype=weight.dtype)
     try:
         with torch.no_grad():
             met = calls(model.eval(), lambda: train_scores(model, image),

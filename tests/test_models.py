@@ -176,6 +176,7 @@ def test_dropout_shapes_probe_the_model_on_its_own_device(user_models):
     there too (a CPU image met CUDA weights on the first GPU run). The meta device stands in
     for a GPU here: any device but the CPU."""
     assert dropout_shapes(LeNet().to("meta")) == [("classifer.3", 0.1, (84,))]
+    assert dropout_shapes(LeNet().double()) == [("classifer.3", 0.1, (84,))]  # and its dtype
     tiny = build_model("my_models:Tiny:hidden=16,p=0.3").to("meta")
     assert [shape for _, _, shape in dropout_shapes(tiny)] == [(16,)]
 

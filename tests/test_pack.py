@@ -36,7 +36,7 @@ def close(a, b, rel):
 def test_a_packed_step_computes_each_runs_own_gradients():
     """The contract, tightly: one step of a pack gives each model the loss and the gradients
     it gets alone. Alone, a run's convolutions run channels-last; packed, as one grouped
-    convolution: the same sums in another order, so equal to float32 rounding on any CPU."""
+    convolution: the same sums in another order, so equal to rounding on any CPU."""
     models = [apply_scheme(LeNet(), s, seed=i) for i, s in enumerate(("kaiming", "xavier",
                                                                       "orthogonal"))]
     x = torch.randn(3, 16, 1, 28, 28)
