@@ -8,7 +8,7 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame) -> None:
     """A SIGTERM handler (``signal.signal(signal.SIGTERM, raise_terminated)``)."""
-    raise Terminated()
+    raise Terminated("SIGTERM")
 
 
 class InitStudyError(Exception):

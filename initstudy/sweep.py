@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .errors import raise_terminated
 from .runfolder import FINISHED
 from .slurm import submit_slurm, wait_slurm
 from .study import STUDY_OPTIONS, Study, StudyError, _summary, packs, plan, status, to_do
@@ -113,15 +111,14 @@ def run_local(units: list[list[RunConfig]], slots: list[Slot], report=None) -> N
 
     ``report(event, config, status)`` is called per run with "start" and "end". A worker that
     dies without recording a result (killed, out of memory) leaves its runs ``failed`` with its
-    exit code and the tail of its log. Ctrl-C or SIGTERM (as ``Terminated``) interrupts the
-    workers (they record ``interrupted``), waits for them and re-raises.
+    exit code and the tail of its log. Ctrl-C (or SIGTERM, which the CLI raises as
+    ``Terminated``) interrupts the workers (they record ``interrupted``), waits for them and
+    re-raises.
     """
     pending: deque[list[RunConfig]] = deque(units)
     free = list(slots)
     running: list[Worker] = []
     report = report or (lambda *args: None)
-    main = threading.current_thread() is threading.main_thread()  # where signals are handled
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
     try:
         while pending or running:
             while pending and free:
@@ -146,9 +143,6 @@ def run_local(units: list[list[RunConfig]], slots: list[Slot], report=None) -> N
                 worker.process.wait()
             _finish(worker, ended_as="interrupted")  # one caught before it could say so
         raise
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _start(unit: list[RunConfig], slot: Slot) -> Worker:

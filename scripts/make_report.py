@@ -10,7 +10,7 @@ from pathlib import Path
 
 from initstudy.report import make_report
 from initstudy.results import load_runs
-from initstudy.study import load_study, plan
+from initstudy.study import load_study
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 TITLES = {"mnist-sample-lenet": "A small-data sample at one learning rate, not a fair ranking: "
@@ -31,7 +31,7 @@ def unfinished(runs: Path) -> str | None:
     or None: it has finished, or its folder holds no study file."""
     if not (runs / "study.toml").exists():
         return None
-    planned = len(plan(load_study(runs / "study.toml"), runs))
+    planned = len(load_study(runs / "study.toml").runs)
     # Counted by folder, not by planned run id: a study's older runs keep the ids they had.
     done = sum(run.finished for run in load_runs([runs]))
     return None if done >= planned else f"{done} of {planned} runs finished"
