@@ -1,7 +1,9 @@
 """Each comparison analysed: every scheme at its chosen setting (``tuning.select``), its final
-test accuracy over seeds with intervals, and the differences from the baseline at the
-baseline's own chosen setting, with Holm-adjusted p-values. Every test number is that of the
-runs at the setting chosen on validation; no choice reads a test number. No torch.
+test accuracy over seeds with Student-t intervals, and the differences from the baseline at the
+baseline's own chosen setting: Welch intervals and p, TOST for equivalence within the margin,
+both Holm-adjusted over the schemes compared, a verdict, and the design's power
+(docs/statistics.md). Every test number is that of the runs at the setting chosen on
+validation; no choice reads a test number. No torch.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from .config import MARGIN_POINTS
 from .results import Comparison, Run
-from .stats import bootstrap_ci, bootstrap_diff_ci, holm, prob_beats, welch_p
+from .stats import ALPHA, detectable, holm, mean_ci, n_to_detect, prob_beats, verdict, welch
 from .tuning import Selection, describe_values, select
 
 
@@ -45,10 +48,15 @@ class SchemeStats:
     reached: int
     # Against the baseline (NaN for the baseline itself).
     diff: float = math.nan
-    diff_ci: tuple[float, float] = (math.nan, math.nan)
+    diff_ci: tuple[float, float] = (math.nan, math.nan)  # Welch's interval at LEVEL
     p_beats: float = math.nan
     welch: float = math.nan
     welch_holm: float = math.nan
+    tost: float = math.nan  # TOST's p for equivalence within the margin
+    tost_holm: float = math.nan
+    verdict: str = ""
+    detectable: float = math.nan  # smallest difference detected at 80% power, this design
+    n_needed: int | None = None  # runs per scheme that would detect the margin
 
     @property
     def success(self) -> float:
@@ -65,6 +73,13 @@ class Analysis:
     stats: list[SchemeStats]
     target: float
     split: str  # the split the target and "epochs to target" are measured on
+    margin: float = MARGIN_POINTS / 100  # equivalence margin, as a fraction of accuracy
+    family: int = 0  # schemes compared with the baseline (Holm's family)
+
+    @property
+    def power_alpha(self) -> float:
+        """The level the power figures assume: Holm's first (strictest) step, alpha / m."""
+        return ALPHA / max(self.family, 1)
 
     @property
     def best(self) -> SchemeStats | None:
@@ -112,31 +127,38 @@ def scheme_stats(comparison: Comparison, selection: Selection, target: float,
         unfinished=sum(not r.finished and r.status != "failed" for r in runs), accs=accs,
         acc_mean=statistics.mean(accs) if accs else math.nan,
         acc_std=statistics.stdev(accs) if len(accs) > 1 else math.nan,
-        acc_ci=bootstrap_ci(accs), acc_median=statistics.median(accs) if accs else math.nan,
+        acc_ci=mean_ci(accs), acc_median=statistics.median(accs) if accs else math.nan,
         acc_best=max(accs) if accs else math.nan,
-        val_mean=statistics.mean(vals) if vals else math.nan, val_ci=bootstrap_ci(vals),
+        val_mean=statistics.mean(vals) if vals else math.nan, val_ci=mean_ci(vals),
         test_loss=_mean([r.summary.get("test/loss") for r in finished]),
         train_loss=_mean([r.summary.get("train/loss") for r in finished]),
         epochs_to_target=statistics.mean(reached) if reached else math.nan,
         reached=len(reached))
 
 
-def compare(comparison: Comparison, baseline: str = "default",
-            target: float | None = None) -> Analysis:
+def compare(comparison: Comparison, baseline: str = "default", target: float | None = None,
+            margin: float = MARGIN_POINTS / 100) -> Analysis:
     """Each scheme at its chosen setting, with differences against ``baseline`` at the
-    baseline's own chosen setting (when it is present), p-values Holm-adjusted."""
+    baseline's own chosen setting (when it is present): Welch and TOST (within ±``margin``,
+    a fraction of accuracy), Holm-adjusted over the schemes compared, and a verdict."""
     selections = select(comparison, baseline)
     split = selection_split(comparison.runs)
     target = choose_target(selections, split) if target is None else target
     stats = [scheme_stats(comparison, sel, target, split) for sel in selections]
     base = next((s for s in stats if s.scheme == baseline), None)
-    if base is not None:
-        others = [s for s in stats if s is not base]
-        for s in others:
-            s.diff = s.acc_mean - base.acc_mean
-            s.diff_ci = bootstrap_diff_ci(s.accs, base.accs)
-            s.p_beats = prob_beats(s.accs, base.accs)
-            s.welch = welch_p(s.accs, base.accs)
-        for s, adjusted in zip(others, holm([s.welch for s in others])):
-            s.welch_holm = adjusted
-    return Analysis(comparison, selections, stats, target, split)
+    analysis = Analysis(comparison, selections, stats, target, split, margin)
+    if base is None:
+        return analysis
+    others = [s for s in stats if s is not base]
+    analysis.family = len(others)
+    for s in others:
+        d = welch(s.accs, base.accs, margin)
+        s.diff, s.diff_ci, s.welch, s.tost = d.diff, d.ci, d.p, d.tost_p
+        s.p_beats = prob_beats(s.accs, base.accs)
+    for s, p, t in zip(others, holm([s.welch for s in others]), holm([s.tost for s in others])):
+        s.welch_holm, s.tost_holm = p, t
+        s.verdict = verdict(s.diff, p, t, margin)
+        s.detectable = detectable(s.acc_std, base.acc_std, len(s.accs), len(base.accs),
+                                  analysis.power_alpha)
+        s.n_needed = n_to_detect(margin, s.acc_std, base.acc_std, analysis.power_alpha)
+    return analysis

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import RunConfig, options
+from .config import MARGIN_POINTS, RunConfig, options
 from .diagnostics import LAYER_STATS, inspect_scheme
 from .model import MODELS, build_model, init_layers
 from .plots import layer_pictures
@@ -177,10 +177,15 @@ def report(
     tune: Optional[list[str]] = typer.Option(None, "--tune", help="A run option chosen per "
                                              "scheme on the validation split, e.g. lr "
                                              "(repeatable) [default: the study file's tune]."),
+    margin: Optional[float] = typer.Option(None, help="Equivalence margin in accuracy points: "
+                                           "a scheme within it of the baseline (TOST) is "
+                                           "'equivalent' [default: the study file's margin, "
+                                           f"else {MARGIN_POINTS:g}]."),
 ) -> None:
-    """Compare the schemes of saved runs: tables with intervals, figures, HTML. No training."""
+    """Compare the schemes of saved runs: tables with intervals, verdicts, figures, HTML. No
+    training."""
     readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title,
-                         tune=tune or None)
+                         tune=tune or None, margin=margin)
     typer.echo(f"wrote {readme}, {out / 'report.html'}, {out / 'results.csv'}, "
                f"{out / 'figures'}/")
 

@@ -29,6 +29,17 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
 # What a study may tune per scheme (a report chooses their values on the validation split).
 TUNABLE = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed"))
+MARGIN_POINTS = 0.1  # default equivalence margin of a report, accuracy points (docs/statistics.md)
+
+
+def check_margin(points: float | None) -> float:
+    """An equivalence margin in accuracy points (``MARGIN_POINTS`` for None); ConfigError
+    unless it is a positive number below 100."""
+    points = MARGIN_POINTS if points is None else points
+    if not (isinstance(points, (int, float)) and 0 < points < 100):
+        raise ConfigError(f"margin must be a number of accuracy points in (0, 100), got "
+                          f"{points!r}")
+    return float(points)
 
 
 def check_tune(tune: list[str]) -> list[str]:
@@ -55,7 +66,8 @@ def options() -> list[dataclasses.Field]:
 @dataclass
 class RunConfig:
     """Everything that decides a run. Fields after ``quiet`` are filled in by the trainer and
-    record what actually ran (dataset after any fallback, device, versions, git commit).
+    record what actually ran (dataset after any fallback, device, versions, git commit); a
+    confirmation study sets ``chosen_by``.
 
     Defaults (SGD, lr 0.01, momentum 0.9, batch 128, 10 epochs): the textbook setting, stable
     under PyTorch's default, xavier, kaiming and orthogonal inits; plain SGD keeps the effect of
@@ -105,6 +117,8 @@ class RunConfig:
     wandb_dir: str | None = option(None, "wandb folder (default: inside the run folder).")
     group: str | None = option(None, "wandb group, a study's name (default: adhoc).")
     quiet: bool = option(False, "No progress bars.", flags=("--quiet", "-q"))
+    # Set by a confirmation study (study.confirm): the study that chose the tuned options.
+    chosen_by: dict[str, Any] | None = None
     # Resolved by the trainer: what actually ran.
     dataset_used: str | None = None
     device_used: str | None = None

@@ -80,7 +80,7 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
         if path is not None:
             made.append((caption, path))
 
-    if analysis.comparison.tuned:
+    if analysis.comparison.tuned and not analysis.comparison.confirmed:
         option = analysis.comparison.tuned[0]
         lines = _sensitivity_lines(analysis)
         top = max((p["hi"] for line in lines.values() for p in line if math.isfinite(p["hi"])),
@@ -88,7 +88,7 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
         zoom = f"within {ZOOM_POINTS:g} points of the best"
         add(f"Sensitivity: final validation accuracy ({split_name(analysis, 'val')}) against "
             f"{option}, over the whole range (left) and {zoom} (right); mean over seeds with "
-            f"its 95% bootstrap band; a cross marks a setting where a seed diverged, a ring the "
+            f"its 95% Student-t band; a cross marks a setting where a seed diverged, a ring the "
             f"setting chosen.",
             plots.band_lines({"every value tried": lines, zoom: lines}, option,
                              f"validation accuracy against {option}",
@@ -119,7 +119,7 @@ def figures(analysis: "Analysis", folder: Path, prefix: str = "") -> list[tuple[
                               f"{split} accuracy (%)",
                               marks=_divergences(groups, epoch_of, acc_at_end)))
     add(f"Final accuracy on the {split_name(analysis, 'test')} of every run (dots) and the "
-        f"mean with its 95% bootstrap interval over seeds (diamond and bar){at}.",
+        f"mean with its 95% Student-t interval over seeds (diamond and bar){at}.",
         plots.final_accuracy({s.scheme: s.accs for s in analysis.stats},
                              {s.scheme: s.acc_ci for s in analysis.stats},
                              folder / f"{prefix}final_acc.png",
@@ -177,7 +177,7 @@ def axis_figures(axis: Axis, folder: Path, baseline: str = "default") -> list[tu
     tuned = next(iter(axis.panels.values()))[0].comparison.tuned
     at = f" at its {', '.join(tuned)} chosen on validation" if tuned else ""
     made = [(f"Final validation accuracy against {axis.name}: each scheme{at}, mean over seeds "
-             f"with its 95% bootstrap band (n per point in the legend); a cross where a seed "
+             f"with its 95% Student-t band (n per point in the legend); a cross where a seed "
              f"diverged.",
              plots.band_lines(panels, axis.name, f"validation accuracy against {axis.name}",
                               folder / f"axis_{axis.name}.png", logx=logx))]

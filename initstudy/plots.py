@@ -252,7 +252,7 @@ def depth_profile(profiles: dict[str, dict[str, Any]], path: Path, images: int |
 
 def final_accuracy(points: dict[str, list[float]], intervals: dict[str, tuple[float, float]],
                    path: Path, title: str) -> Path:
-    """Each run's final test accuracy as a dot, the mean with its 95% bootstrap interval."""
+    """Each run's final test accuracy as a dot, the mean with its 95% Student-t interval."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (scheme, color) in enumerate(_colors(list(points)).items()):
         accs = [100 * a for a in points[scheme]]

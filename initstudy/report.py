@@ -19,18 +19,21 @@ from typing import Any
 
 from .analysis import Analysis, compare
 from .axes import Axis, axis_order, find_axes, schemes_of
-from .config import DEFAULT_MODEL, check_tune
+from .config import DEFAULT_MODEL, check_margin, check_tune
+from .errors import InitStudyError
 from .figures import axis_figures, figures, split_name
 from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
-from .results import Run, compare_key, comparisons, load_runs, study_tune
-from .stats import BOOTSTRAP_RESAMPLES
+from .results import (Run, compare_key, comparisons, confirmation, load_runs, study_margin,
+                      study_tune)
+from .stats import LEVEL
 from .tuning import STABLE_WITHIN, describe_values
 
 
 def main_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     tuned = bool(analysis.comparison.tuned)
     split = "val" if analysis.split == "val" else "test"
-    header = (["scheme"] + (["chosen on validation"] if tuned else []) +
+    chosen = "set by its tuning study" if analysis.comparison.confirmed else "chosen on validation"
+    header = (["scheme"] + ([chosen] if tuned else []) +
               ["runs", "ok", "diverged", "failed", "success", "val acc (%)", "test acc (%)",
                "test std", "test 95% CI", "test median", "test best", "test loss",
                f"epochs to {pct(analysis.target)}% {split}", "train loss"])
@@ -44,12 +47,17 @@ def main_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
 
 
 def baseline_table(analysis: Analysis, baseline: str):
-    header = ["scheme", f"Δ test acc vs {baseline} (points)", "95% CI", f"P(beats {baseline})",
-              "Welch p", "Holm-adjusted p"]
-    rows = [[s.scheme, "-" if not math.isfinite(s.diff) else f"{100 * s.diff:+.2f}",
-             signed_interval(s.diff_ci), num(s.p_beats, 3), num(s.welch, 3),
-             num(s.welch_holm, 3)]
-            for s in analysis.stats if s.scheme != baseline]
+    header = ["scheme", "verdict", f"Δ test acc vs {baseline} (points)", "Welch 95% CI",
+              "n", f"P(beats {baseline})", "Welch p", "Holm p", "TOST p", "TOST Holm p",
+              "detectable Δ (points)", f"n for ±{100 * analysis.margin:.2g}"]
+    rows = [[s.scheme, s.verdict or "-",
+             "-" if not math.isfinite(s.diff) else f"{100 * s.diff:+.2f}",
+             signed_interval(s.diff_ci), f"{len(s.accs)} vs {len(base.accs)}",
+             num(s.p_beats, 3), num(s.welch, 3), num(s.welch_holm, 3), num(s.tost, 3),
+             num(s.tost_holm, 3), "-" if not math.isfinite(s.detectable) else
+             f"{100 * s.detectable:.2f}", "-" if s.n_needed is None else str(s.n_needed)]
+            for base in [s for s in analysis.stats if s.scheme == baseline]
+            for s in analysis.stats if s is not base]
     return header, rows
 
 
@@ -94,6 +102,27 @@ def tuning_tables(analysis: Analysis) -> list[Section]:
     ]
 
 
+def confirmation_tables(analysis: Analysis) -> list[Section]:
+    """Where a confirmation's settings came from: the tuning study, its split, epochs and
+    seeds, against this comparison's own."""
+    comparison = analysis.comparison
+    records = comparison.chosen_by
+    rows = [[s.scheme, s.setting, str(r.get("study")), str(r.get("on")), str(r.get("epochs")),
+             ", ".join(map(str, r.get("seeds") or [])),
+             f"{pct(r.get('val_acc'))} (n = {r.get('n')})"]
+            for s in analysis.stats for r in [records.get(s.scheme, {})]]
+    seeds = sorted({r.config.get("seed") for r in comparison.runs})
+    studies = sorted({str(r.get("study")) for r in records.values()})
+    epochs = sorted({str(r.get("epochs")) for r in records.values()})
+    return [Section("h3", "Settings confirmed"), Section(
+        "text", f"A confirmation: each scheme's {', '.join(comparison.tuned)} was chosen on "
+        f"validation by {', '.join(studies)} at {', '.join(epochs)} epoch(s); these runs train "
+        f"{comparison.key.get('epochs')} epoch(s) at seeds {seeds[0]} to {seeds[-1]}, none of "
+        f"which that study used. This report chooses nothing and quotes only its own runs."),
+        Section("table", "", ["scheme", "setting", "chosen by", "on", "at epochs",
+                              "tuning seeds", "its val acc (%)"], rows)]
+
+
 def axis_sections(axis: Axis, folder: Path, baseline: str) -> list[Section]:
     """Along one axis of the study: a table per panel and the figures."""
     first = next(iter(axis.panels.values()))[0].comparison
@@ -103,7 +132,7 @@ def axis_sections(axis: Axis, folder: Path, baseline: str) -> list[Section]:
         "text", f"The comparisons below differ in {axis.name}"
         f"{' (and in what labels each table)' if len(axis.panels) > 1 else ''}; here each "
         f"scheme {chosen}, its mean final validation accuracy (%) over seeds with the 95% "
-        f"bootstrap interval; (k/n div): k of its n seeds diverged. Nothing here reads a test "
+        f"Student-t interval; (k/n div): k of its n seeds diverged. Nothing here reads a test "
         f"number.")]
     for label, points in axis.panels.items():
         rows = []
@@ -172,17 +201,19 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
     comparison = analysis.comparison
     key = comparison.key
     model = key.get("model") or DEFAULT_MODEL
+    options = ", ".join(comparison.tuned)
     head = (f"Comparison {index}: {'' if model == DEFAULT_MODEL else model + ', '}"
             f"{key['dataset_used']}, {key['epochs']} epoch{'s' if key['epochs'] != 1 else ''}, "
-            f"{key['optimizer']} " + (f"at each scheme's best {', '.join(comparison.tuned)} "
-                                      f"(chosen on validation)" if comparison.tuned
-                                      else f"lr {key['lr']}"))
+            f"{key['optimizer']} " + (
+                f"at each scheme's {options} chosen by its tuning study" if comparison.confirmed
+                else f"at each scheme's best {options} (chosen on validation)" if comparison.tuned
+                else f"lr {key['lr']}"))
     best = analysis.best
     on = "validation" if analysis.split == "val" else "test"
     headline = (f"Highest mean final {on} accuracy: **{best.scheme}**"
                 f"{' at ' + best.setting if best.setting else ''}, test accuracy "
                 f"{pct(best.acc_mean)}% (95% CI {interval(best.acc_ci)}, n = {len(best.accs)} "
-                f"runs)." if best else "")
+                f"runs)." if best and not comparison.confirmed else "")
     split = "validation" if analysis.split == "val" else "test"
     sections = [Section("h2", head), Section("text", headline)]
     devices = sorted({f"{(r.config.get('device_used') or '?').split(':')[0]} "
@@ -198,14 +229,16 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
                                 "runs had one, or with --val-size 0): the best scheme and the "
                                 "target below are read off the test split, so they describe "
                                 "these runs and select nothing."))
-    if comparison.tuned:
+    if comparison.confirmed:
+        sections += confirmation_tables(analysis)
+    elif comparison.tuned:
         sections += tuning_tables(analysis)
     sections += [
         Section("h3", "Per scheme" + (" at its chosen setting" if comparison.tuned else "")),
         Section("table", f"val acc: final accuracy on the {split_name(analysis, 'val')} ('-': "
                 f"no validation split); test "
                 f"acc: final accuracy on the {split_name(analysis, 'test')} (mean, std, 95% "
-                f"bootstrap interval, median and best over seeds). `epochs to "
+                f"Student-t interval, median and best over seeds). `epochs to "
                 f"{pct(analysis.target)}% {analysis.split}`: mean first epoch at which the "
                 f"{split} accuracy reaches the target ("
                 f"{'given' if given_target else f'95% of the best {split} mean, rounded down'}),"
@@ -214,12 +247,19 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
     header, rows = baseline_table(analysis, baseline)
     if rows:
         sections += [Section("h3", f"Against {baseline}"), Section(
-            "table", f"Δ: difference of mean final test accuracy in percentage points, with "
-            f"its bootstrap interval{', each scheme and ' + baseline + ' at their own chosen settings' if comparison.tuned else ''}; "
+            "table", f"Δ: difference of mean final test accuracy in percentage points"
+            f"{', each scheme and ' + baseline + ' at their own chosen settings' if comparison.tuned else ''}"
+            f", with Welch's {LEVEL:.0%} interval; n: runs of the scheme vs {baseline}; "
             f"P(beats {baseline}): probability that a run of the scheme ends above a run of "
-            f"{baseline} (ties count half); Welch p: two-sided Welch's t-test; Holm-adjusted "
-            f"p: Welch p adjusted by Holm's method for the {len(rows)} schemes compared with "
-            f"{baseline}.", header, rows)]
+            f"{baseline} (ties count half); Welch p: two-sided Welch's t-test; TOST p: two "
+            f"one-sided Welch tests that Δ lies within ±{100 * analysis.margin:.2g} points (the "
+            f"equivalence margin); Holm p: each adjusted by Holm's method over the {len(rows)} "
+            f"schemes compared. Verdict at {1 - LEVEL:.2g}: better or worse when Welch's Holm p "
+            f"is below it, equivalent when TOST's Holm p is, else inconclusive. Detectable Δ: "
+            f"the smallest difference this design detects with 80% power (two-sided Welch at "
+            f"{analysis.power_alpha:.2g}, Holm's first step, at the observed spreads and n); "
+            f"n for ±{100 * analysis.margin:.2g}: runs per scheme that would detect a difference "
+            f"of the margin at the same power (docs/statistics.md).", header, rows)]
     sections += [Section("h3", "Held equal in this comparison"),
                  Section("table", "", ["option", "value"],
                          [[k, str(v)] for k, v in key.items()]),
@@ -231,27 +271,37 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
 
 def make_report(dirs: list[Path], out: Path, baseline: str = "default",
                 target: float | None = None, title: str | None = None,
-                tune: list[str] | None = None) -> Path:
+                tune: list[str] | None = None, margin: float | None = None) -> Path:
     """Write ``out``/README.md, report.html (self-contained), figures/*.png and results.csv
     from the run folders in ``dirs``; returns the README's path. ``tune``: options chosen per
-    scheme on validation (default: the ``tune`` of the study files in ``dirs``)."""
+    scheme on validation (default: the ``tune`` of the study files in ``dirs``). ``margin``:
+    the equivalence margin in accuracy points (default: the study files' ``margin``, else
+    ``stats.MARGIN_POINTS``)."""
     runs = load_runs(dirs)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for old in (out / "figures").glob("*.png"):
         old.unlink()
-    tuned = tuple(check_tune(study_tune(dirs) if tune is None else tune))
+    confirmed = confirmation(runs)
+    if confirmed and tune:
+        raise InitStudyError("these runs confirm a tuning study's settings: a report of them "
+                             "chooses nothing, so it takes no --tune")
+    tuned = confirmed or tuple(check_tune(study_tune(dirs) if tune is None else tune))
+    margin = check_margin(study_margin(dirs) if margin is None else margin)
     title = title or f"Init study: {', '.join(Path(d).name for d in dirs)}"
-    groups = sorted(comparisons(runs, tuned), key=axis_order)
+    groups = sorted(comparisons(runs, tuned, bool(confirmed)), key=axis_order)
     shown = ", ".join(f"`{os.path.relpath(d, out)}`" for d in dirs)  # as seen from the report
     intro = (f"{len(runs)} runs from {shown}, in {len(groups)} comparison(s). Runs are compared "
              f"only when everything but the scheme"
              f"{', the seeds and the tuned ' + ', '.join(tuned) if tuned else ' and the seeds'}"
-             f" is equal. Accuracies are "
-             f"percent of the split named; intervals are 95% bootstrap intervals over seeds "
-             f"({BOOTSTRAP_RESAMPLES:,} resamples); diverged runs count in the means at their "
+             f" is equal. Accuracies are percent of the split named. Intervals of a mean over "
+             f"seeds are {LEVEL:.0%} Student-t intervals, and of a difference Welch's; verdicts "
+             f"against {baseline} use Welch's test and TOST within ±{margin:g} points, "
+             f"Holm-adjusted (docs/statistics.md). Diverged runs count in the means at their "
              f"final accuracy, failed runs have none and are counted apart."
-             + (" Each scheme's setting is chosen on the validation split (highest mean final "
+             + (" Each scheme's setting was chosen by its tuning study (below); nothing here is "
+                "chosen." if confirmed else
+                " Each scheme's setting is chosen on the validation split (highest mean final "
                 "validation accuracy over seeds); the test split is only reported." if tuned
                 else ""))
     unfinished = [r for r in runs if not r.finished and r.status != "failed"]
@@ -259,7 +309,7 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
         intro += (f" **{len(unfinished)} run(s) had not finished** when this report was made "
                   f"(status running or interrupted); they count as unfinished.")
     sections = [Section("h1", title), Section("text", intro)]
-    analyses = [compare(comparison, baseline, target) for comparison in groups]
+    analyses = [compare(comparison, baseline, target, margin / 100) for comparison in groups]
     for axis in find_axes([(a.comparison, a.selections) for a in analyses]):
         sections += axis_sections(axis, out / "figures", baseline)
     for i, analysis in enumerate(analyses, 1):

@@ -104,29 +104,70 @@ def load_runs(dirs: list[Path], warn=None) -> list[Run]:
     return runs
 
 
-def study_tune(dirs: list[Path]) -> list[str]:
-    """The ``tune`` list of the study files (``study.toml``, written by the sweep) in ``dirs``."""
+def _study_files(dirs: list[Path]) -> list[dict[str, Any]]:
+    """The study files (``study.toml``, written by the sweep) in ``dirs`` that can be read."""
     import tomllib
 
-    tune: list[str] = []
+    specs = []
     for d in dirs:
         path = Path(d) / "study.toml"
         if path.exists():
             try:
-                value = tomllib.loads(path.read_text()).get("tune", [])
+                specs.append(tomllib.loads(path.read_text()))
             except (OSError, tomllib.TOMLDecodeError):
                 continue
-            tune += [value] if isinstance(value, str) else list(value)
+    return specs
+
+
+def study_tune(dirs: list[Path]) -> list[str]:
+    """The ``tune`` list of the study files in ``dirs``."""
+    tune: list[str] = []
+    for spec in _study_files(dirs):
+        value = spec.get("tune", [])
+        tune += [value] if isinstance(value, str) else list(value)
     return list(dict.fromkeys(tune))
+
+
+def study_margin(dirs: list[Path]) -> float | None:
+    """The equivalence ``margin`` (accuracy points) of the study files in ``dirs``, or None;
+    InitStudyError when they disagree."""
+    margins = {float(m) for m in (spec.get("margin") for spec in _study_files(dirs))
+               if isinstance(m, (int, float))}
+    if len(margins) > 1:
+        raise InitStudyError(f"the study files give different margins ({sorted(margins)}): "
+                             f"give one with --margin")
+    return margins.pop() if margins else None
+
+
+def confirmation(runs: list[Run]) -> tuple[str, ...]:
+    """The options a confirmation's runs were set to by their tuning study (``chosen_by``),
+    or () for runs of no confirmation; InitStudyError when only some runs are confirmations
+    (a confirmation's report quotes its own runs only)."""
+    records = [r.config.get("chosen_by") for r in runs]
+    confirming = [r for r in records if r]
+    if confirming and len(confirming) != len(runs):
+        raise InitStudyError(f"{len(confirming)} of {len(runs)} runs confirm a tuning study's "
+                             f"settings and the rest do not: report a confirmation's runs on "
+                             f"their own")
+    return tuple(dict.fromkeys(k for r in confirming for k in r.get("options", {})))
 
 
 @dataclass
 class Comparison:
-    """Runs that differ only in scheme, seeds and the ``tuned`` options."""
+    """Runs that differ only in scheme, seeds and the ``tuned`` options. In a confirmation
+    (``confirmed``) the tuned options were set per scheme by a tuning study: nothing is
+    chosen."""
 
     key: dict[str, Any]
     runs: list[Run]
     tuned: tuple[str, ...] = ()
+    confirmed: bool = False
+
+    @property
+    def chosen_by(self) -> dict[str, dict[str, Any]]:
+        """Per scheme, the tuning study's record of its choice (confirmations only)."""
+        return {r.scheme: r.config["chosen_by"] for r in self.runs
+                if r.config.get("chosen_by")}
 
     @property
     def schemes(self) -> list[str]:
@@ -158,7 +199,8 @@ def compare_key(run: Run, tuned: tuple[str, ...] = ()) -> dict[str, Any]:
     return key
 
 
-def comparisons(runs: list[Run], tuned: tuple[str, ...] = ()) -> list[Comparison]:
+def comparisons(runs: list[Run], tuned: tuple[str, ...] = (),
+                confirmed: bool = False) -> list[Comparison]:
     groups: dict[str, list[Run]] = defaultdict(list)
     keys = {}
     for run in runs:
@@ -166,4 +208,4 @@ def comparisons(runs: list[Run], tuned: tuple[str, ...] = ()) -> list[Comparison
         text = json.dumps(key, sort_keys=True)
         keys[text] = key
         groups[text].append(run)
-    return [Comparison(keys[k], v, tuned) for k, v in groups.items()]
+    return [Comparison(keys[k], v, tuned, confirmed) for k, v in groups.items()]

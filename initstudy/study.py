@@ -5,8 +5,11 @@ run option by its ``RunConfig`` field name (``model`` too); a list value on an o
 axis of the grid.
 ``[[grid]]`` tables, when present, are grids of their own that share the top-level options
 (each scheme its own range of learning rates, say); the study is all of them. ``tune`` names
-the options a report tunes per scheme (``report --tune``). Every scheme spec and option is
-checked when the file is read, before any run starts.
+the options a report tunes per scheme (``report --tune``); ``margin`` is a report's
+equivalence margin in accuracy points. ``confirm`` names the runs folder of a tuning study:
+each scheme then trains at the setting that study chose on validation, on seeds it never
+used, and each run records the choice in ``chosen_by`` (docs/studies.md). Every scheme spec
+and option is checked when the file is read, before any run starts.
 
 Each run lives in ``OUT/<run id>/`` (``RunConfig.run_id``, stable for the same result-deciding
 options), so rerunning a sweep skips what finished (``ok`` or ``diverged``), redoes what died
@@ -18,23 +21,27 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PACK_FIELDS, RunConfig, check_tune
+from .config import PACK_FIELDS, RunConfig, check_margin, check_tune
 from .errors import InitStudyError
-from .runfolder import FINISHED
 from .model import check_model
+from .results import comparisons, load_runs, study_tune
+from .runfolder import FINISHED
 from .schemes import resolve
+from .tuning import select
 
 # Options a study may not set: each run's folder and the trainer's own records.
-NOT_STUDY_OPTIONS = ("out", "quiet", "group", "dataset_used", "device_used", "scheme_params",
-                     "model_params", "env")
+NOT_STUDY_OPTIONS = ("out", "quiet", "group", "chosen_by", "dataset_used", "device_used",
+                     "scheme_params", "model_params", "env")
 STUDY_OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
                       if f.name not in NOT_STUDY_OPTIONS)
-STUDY_KEYS = ("name", "tune", "grid")  # the study's own keys, besides schemes, seeds and options
+# The study's own keys, besides schemes, seeds and options.
+STUDY_KEYS = ("name", "tune", "margin", "confirm", "grid")
 
 
 class StudyError(InitStudyError):
@@ -49,15 +56,17 @@ class Study:
     tune: list[str] = field(default_factory=list)  # options a report tunes per scheme
 
 
-def load_study(path: Path) -> Study:
-    """Read and expand a study file; StudyError names the file and what is wrong."""
+def load_study(path: Path, root: Path | None = None) -> Study:
+    """Read and expand a study file; StudyError names the file and what is wrong. ``root``:
+    where the paths in it (``confirm``) start (default: the current directory)."""
     try:
         text = Path(path).read_text()
         spec = tomllib.loads(text)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise StudyError(f"cannot read study file {path}: {exc}") from None
     try:
-        return Study(spec.get("name", Path(path).stem), expand(spec), text, tune_options(spec))
+        return Study(spec.get("name", Path(path).stem), expand(spec, root), text,
+                     tune_options(spec))
     except StudyError as exc:
         raise StudyError(f"{path}: {exc}") from None
 
@@ -71,14 +80,25 @@ def tune_options(spec: dict[str, Any]) -> list[str]:
         raise StudyError(f"tune: {exc}") from None
 
 
-def expand(spec: dict[str, Any]) -> list[RunConfig]:
+def expand(spec: dict[str, Any], root: Path | None = None) -> list[RunConfig]:
     """The runs of a study spec: each grid (the top level, or each ``[[grid]]`` table over the
-    top-level options) expanded schemes x every list-valued option x seeds, in that order.
-    Every scheme and model spec and every option is checked here, before anything runs."""
+    top-level options) expanded schemes x every list-valued option x seeds, in that order; with
+    ``confirm``, each scheme at its chosen setting (``confirmed``). Every scheme and model spec
+    and every option is checked here, before anything runs."""
     tune_options(spec)
-    spec = {k: v for k, v in spec.items() if k not in ("name", "tune")}
+    try:
+        check_margin(spec.get("margin"))
+    except InitStudyError as exc:
+        raise StudyError(str(exc)) from None
+    spec = {k: v for k, v in spec.items() if k not in ("name", "tune", "margin")}
     grids = spec.pop("grid", None)
-    if grids is None:
+    confirm = spec.pop("confirm", None)
+    if confirm is not None:
+        if grids is not None:
+            raise StudyError("a confirmation ('confirm') takes no [[grid]]: its settings come "
+                             "from the tuning study")
+        runs = confirmed(spec, Path(root or ".") / str(confirm), str(confirm))
+    elif grids is None:
         runs = _expand_grid(spec)
     else:
         if not (isinstance(grids, list) and grids and all(isinstance(g, dict) for g in grids)):
@@ -100,6 +120,57 @@ def expand(spec: dict[str, Any]) -> list[RunConfig]:
         except InitStudyError as exc:
             raise StudyError(str(exc)) from None
     return runs
+
+
+def confirmed(spec: dict[str, Any], folder: Path, given: str) -> list[RunConfig]:
+    """A confirmation's runs: each scheme of ``spec`` at the setting its tuning study (the runs
+    in ``folder``) chose on validation, at ``spec``'s seeds, which must be new to that study,
+    seed by seed; each run's ``chosen_by`` records the choice."""
+    if not folder.is_dir():
+        raise StudyError(f"confirm: no such runs folder {given}")
+    tuning_runs = load_runs([folder])
+    tuned = study_tune([folder])
+    if not tuned:
+        raise StudyError(f"confirm: the study in {given} tunes nothing (its study.toml has no "
+                         f"'tune'), so it chose no setting to confirm")
+    given_tuned = [t for t in tuned if t in spec]
+    if given_tuned:
+        raise StudyError(f"confirm: {', '.join(given_tuned)} is chosen by the tuning study; "
+                         f"remove it from this study")
+    rest = {k: v for k, v in spec.items() if k not in ("schemes", "scheme")}
+    probe = _expand_grid(rest)  # the seeds and options, checked
+    used = {r.config.get(k) for r in tuning_runs for k in ("seed", "data_seed")} - {None}
+    reused = sorted(({c.seed for c in probe} | {c.effective_data_seed for c in probe}) & used)
+    if reused:
+        raise StudyError(f"confirm: seed(s) {', '.join(map(str, reused))} were used by the "
+                         f"tuning study in {given}; a confirmation needs fresh seeds")
+    schemes = spec.get("schemes", spec.get("scheme", "default"))
+    schemes = schemes if isinstance(schemes, list) else [schemes]
+    found = {}
+    for comparison in comparisons(tuning_runs, tuple(tuned)):
+        for sel in select(comparison):
+            found.setdefault(sel.scheme, []).append((comparison, sel))
+    per_scheme = []
+    for scheme in schemes:
+        matches = found.get(scheme, [])
+        if len(matches) != 1:
+            raise StudyError(
+                f"confirm: scheme {scheme} is in {len(matches)} comparisons of {given} "
+                f"(a confirmation needs exactly one); that study has "
+                f"{', '.join(sorted(found)) or 'no runs'}")
+        comparison, sel = matches[0]
+        chosen = dict(zip(tuned, sel.best.values))
+        record = {"study": tuning_runs[0].config.get("group") or folder.parent.name,
+                  "runs": given, "on": "validation", "options": chosen,
+                  "val_acc": sel.best.val_mean if math.isfinite(sel.best.val_mean) else None,
+                  "n": len(sel.best.val_accs),
+                  "epochs": comparison.key.get("epochs"),
+                  "seeds": sorted({r.config.get("seed") for r in comparison.runs}),
+                  "edge": sel.edge}
+        per_scheme.append([dataclasses.replace(c, chosen_by=record)
+                           for c in _expand_grid(rest | {"scheme": scheme} | chosen)])
+    # Seed by seed across the schemes, so that a confirmation stopped part-way is balanced.
+    return [c for same_seed in zip(*per_scheme) for c in same_seed]
 
 
 def _expand_grid(spec: dict[str, Any]) -> list[RunConfig]:

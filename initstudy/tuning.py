@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import InitStudyError
 from .results import Comparison, Run
-from .stats import bootstrap_ci
+from .stats import mean_ci
 
 STABLE_WITHIN = 0.01  # a setting is in the stable range within 1 point of the scheme's best
 
@@ -56,7 +56,7 @@ def _setting(values: tuple, runs: list[Run]) -> Setting:
     finished = [r for r in runs if r.finished]
     accs = [a for a in (r.final("val") for r in finished) if a is not None]
     return Setting(values, runs, accs, statistics.mean(accs) if accs else math.nan,
-                   bootstrap_ci(accs), sum(r.status == "diverged" for r in runs),
+                   mean_ci(accs), sum(r.status == "diverged" for r in runs),
                    sum(r.status == "failed" for r in runs))
 
 
@@ -81,6 +81,10 @@ def select(comparison: Comparison, baseline: str = "default") -> list[Selection]
                     f"tuning {', '.join(comparison.tuned)} needs validation accuracy, which "
                     f"{len(blind)} run(s) lack (e.g. {blind[0]}: trained with --val-size 0 or "
                     f"before runs had a validation split)")
+        if comparison.confirmed and len(settings) > 1:
+            raise InitStudyError(
+                f"a confirmation chooses nothing, but {scheme} has runs at "
+                f"{len(settings)} settings ({', '.join(describe_values(comparison, s.values) for s in settings)})")
         scored = [s for s in settings if math.isfinite(s.val_mean)]
         best = max(scored, key=lambda s: s.val_mean) if scored else settings[0]
         stable = [s for s in scored if s.all_trained

@@ -47,6 +47,7 @@ def write_dataset(root: Path, folder: str = "MNIST", n_train: int = 200, n_test:
 
 def write_study(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "study.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text))
     return path
 

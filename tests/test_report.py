@@ -16,7 +16,7 @@ from initstudy.cli import app
 from initstudy.analysis import compare
 from initstudy.report import make_report
 from initstudy.results import comparisons, load_runs
-from initstudy.stats import bootstrap_ci, holm, prob_beats
+from initstudy.stats import holm, mean_ci, prob_beats
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 
@@ -115,15 +115,22 @@ def test_table_values_are_exact(study):
     expected_p = scipy_stats.ttest_ind(accs, [0.90, 0.92, 0.94], equal_var=False).pvalue
     assert kaiming.welch == pytest.approx(expected_p)
     assert kaiming.welch_holm == pytest.approx(expected_p)  # one scheme compared: no change
-    lo, hi = kaiming.diff_ci
-    assert lo < kaiming.diff < hi
+    expected_ci = scipy_stats.ttest_ind(accs, [0.90, 0.92, 0.94],
+                                        equal_var=False).confidence_interval(0.95)
+    assert kaiming.diff_ci == pytest.approx((expected_ci.low, expected_ci.high))
+    # The interval and the p beside it agree: 0 is inside exactly when p >= 0.05.
+    assert (kaiming.diff_ci[0] <= 0 <= kaiming.diff_ci[1]) == (kaiming.welch >= 0.05)
+    assert kaiming.verdict == "inconclusive"  # one seed diverged: the spread is wide
+    assert default.acc_ci == pytest.approx(tuple(scipy_stats.ttest_1samp(
+        [0.90, 0.92, 0.94], 0.92).confidence_interval(0.95)))
 
 
-def test_bootstrap_interval_and_probability_of_beating():
-    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
-    lo, hi = bootstrap_ci([0.1, 0.2, 0.3, 0.4])
-    assert 0.1 <= lo < 0.25 < hi <= 0.4
-    assert bootstrap_ci([0.1, 0.2, 0.3, 0.4]) == (lo, hi)  # seeded: the same every time
+def test_mean_interval_and_probability_of_beating():
+    assert mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)  # no spread: the value itself
+    assert all(math.isnan(x) for x in mean_ci([0.5]))  # one run: no interval
+    lo, hi = mean_ci([0.1, 0.2, 0.3, 0.4])
+    assert hi - lo == pytest.approx(2 * scipy_stats.t.ppf(0.975, 3) * scipy_stats.sem(
+        [0.1, 0.2, 0.3, 0.4]))
     assert prob_beats([2, 3], [1, 2]) == (2 + 1.5) / 4
 
 
@@ -238,10 +245,12 @@ def test_tuned_report_names_splits_tables_and_figures(tuned_study, tmp_path):
     assert result.exit_code == 0, result.output  # tune = ["lr"] comes from study.toml
     readme = (out / "README.md").read_text()
     assert "at each scheme's best lr (chosen on validation)" in readme
-    assert "| default | lr=0.1 | 94.00 | [93.00, 95.00] | lr=0.1 | 1/2 | best at the highest " \
+    assert "| default | lr=0.1 | 94.00 | [91.52, 96.48] | lr=0.1 | 1/2 | best at the highest " \
            "value tried: extend the grid up |" in readme
     assert "| kaiming | 81.00 | 96.83 * | 38.67 (2/3 div) |" in readme
-    assert "Holm-adjusted p" in readme and "validation split, 100 images" in readme
+    assert "| Holm p | TOST p | TOST Holm p |" in readme and "| verdict |" in readme
+    assert "Student-t intervals" in readme and "within ±0.1 points" in readme
+    assert "validation split, 100 images" in readme
     assert "test split, 500 images" in readme
     figures = {p.name for p in (out / "figures").glob("*.png")}
     assert {"sensitivity.png", "val_acc.png", "test_acc.png"} <= figures
