@@ -20,7 +20,7 @@ from .diagnostics import LAYER_STATS, inspect_scheme
 from .model import MODELS, build_model, init_layers
 from .plots import layer_pictures
 from .report import make_report
-from .errors import InitStudyError, Terminated, raise_terminated
+from .errors import AlreadyDone, InitStudyError, Terminated, raise_terminated
 from .schemes import SCHEME_COLUMNS, apply_scheme, scheme_rows, scheme_table_markdown
 from .sources import fetch_dataset, import_pickle, inventory
 from .study import load_study, plan
@@ -36,11 +36,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _clean_errors(command: Callable) -> Callable:
     """Turn user-facing errors into one line on stderr and exit status 2, Ctrl-C into 130 and
-    SIGTERM into 143, each after the run in flight has recorded ``interrupted``."""
+    SIGTERM into 143, each after the run in flight has recorded ``interrupted``. Ctrl-C is
+    heard even where the process started with SIGINT ignored (a job started with ``&`` by a
+    script): Python then installs no handler of its own, and a sweep would train on."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         previous = signal.signal(signal.SIGTERM, raise_terminated)
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return command(*args, **kwargs)
         except InitStudyError as exc:
@@ -51,6 +54,7 @@ def _clean_errors(command: Callable) -> Callable:
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
 
     return wrapper
 
@@ -103,7 +107,15 @@ def run(**values: Any) -> None:
     """Train a model (the document's LeNet unless --model) once under one init scheme and
     record the run folder."""
     config = RunConfig(**values)
-    summary = train(config)
+    try:
+        summary = train(config)
+    except AlreadyDone as done:
+        acc = done.summary.get("test/acc")
+        typer.echo(f"already done: {done.path} holds this run, finished "
+                   f"({done.summary.get('status')}"
+                   f"{f', test/acc {acc:.4f}' if isinstance(acc, float) else ''}); nothing "
+                   f"retrained (--overwrite trains it again)")
+        return
     acc = lambda key: "-" if summary[key] is None else f"{summary[key]:.4f}"
     best = (f"  best epoch {summary['best_epoch']} by val/acc (val {acc('best/val/acc')}, "
             f"test {acc('best/test/acc')})" if summary["best_epoch"] is not None else "")

@@ -109,7 +109,10 @@ class RunConfig:
     precision: str = option("fp32", "fp32 | tf32 (CUDA matmuls and convs) | bf16 (autocast); "
                             "fp32 for numbers that go into a report.", choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the forward passes.")
-    out: str | None = option(None, "Run folder (default: runs/<scheme>-s<seed>).")
+    out: str | None = option(None, "Run folder (default: runs/<run id>, the scheme, seed and "
+                             "a hash of the options that decide the result).")
+    overwrite: bool = option(False, "Train again into a run folder that holds a finished run "
+                             "(its record is replaced).")
     wandb: str | None = option(None, "wandb mode (default: $WANDB_MODE, else offline).",
                                choices=WANDB_MODES)
     wandb_project: str = option("initstudy", "wandb project.")
@@ -156,7 +159,7 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / self.run_name
+        return Path(self.out) if self.out else Path("runs") / self.run_id
 
     def validate(self) -> None:
         """Raise ConfigError on any option outside its range."""

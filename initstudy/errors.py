@@ -27,6 +27,25 @@ class ConfigError(InitStudyError):
     """A run option outside its valid range, or an unusable device or output folder."""
 
 
+class WriteError(InitStudyError):
+    """A run's record could not be written (no space left, a read-only or vanished folder, no
+    permission): the path and the cause, in one line."""
+
+    def __init__(self, path, exc: OSError):
+        super().__init__(f"cannot write {path}: {exc.strerror or exc}")
+        self.path = path
+
+
+class AlreadyDone(Exception):
+    """The run folder already holds a finished run of these very options: nothing to train.
+    ``summary`` is that run's summary. Not an error (the CLI exits 0)."""
+
+    def __init__(self, path, summary: dict):
+        super().__init__(f"{path} already holds this finished run (status "
+                         f"{summary.get('status')}); --overwrite trains it again")
+        self.path, self.summary = path, summary
+
+
 class RunFailed(InitStudyError):
     """A run crashed while training; its folder holds status ``failed`` and ``error.txt``."""
 

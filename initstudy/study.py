@@ -36,7 +36,7 @@ from .schemes import resolve
 from .tuning import select
 
 # Options a study may not set: each run's folder and the trainer's own records.
-NOT_STUDY_OPTIONS = ("out", "quiet", "group", "chosen_by", "dataset_used", "device_used",
+NOT_STUDY_OPTIONS = ("out", "overwrite", "quiet", "group", "chosen_by", "dataset_used", "device_used",
                      "scheme_params", "model_params", "env")
 STUDY_OPTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
                       if f.name not in NOT_STUDY_OPTIONS)
@@ -226,9 +226,14 @@ def status(config: RunConfig) -> str:
 
 
 def to_do(runs: list[RunConfig], retry_failed: bool) -> list[RunConfig]:
-    """Runs still to run: neither finished nor (unless retrying) failed."""
-    skip = FINISHED if retry_failed else (*FINISHED, "failed")
-    return [c for c in runs if status(c) not in skip]
+    """Runs still to run: neither finished nor (unless retrying) failed; a run that failed
+    because its record could not be written (``io_error``) is unfinished, not failed."""
+    def pending(config: RunConfig) -> bool:
+        summary = _summary(config)
+        state = summary.get("status", "pending")
+        return state not in FINISHED and (retry_failed or state != "failed"
+                                          or bool(summary.get("io_error")))
+    return [c for c in runs if pending(c)]
 
 
 def _summary(config: RunConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from .data import Dataset, batches, normalise, random_batch
 from .diagnostics import DIAG_SEED, init_diagnostics, snapshot, weight_dynamics
 from .environment import (HEAP_KEEP, environment, hold_freed_memory, numerics, on_device,
                           resolve_device)
-from .errors import ConfigError, InitStudyError, RunFailed
+from .errors import ConfigError, InitStudyError, RunFailed, WriteError
 from .model import INPUT_SHAPE, build_model, check_model, init_layers
 from .pack import Pack
 from .runfolder import RunFolder
@@ -80,8 +80,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     ``InitStudyError`` before anything trains. A non-finite loss ends the run with status
     ``diverged``: a result, not an error. Any other exception during training is recorded as
     status ``failed`` with ``error.txt`` and raised as ``RunFailed`` (its cause attached);
-    Ctrl-C is recorded as ``interrupted`` and re-raised. The caller's config and RNG state are
-    left untouched.
+    Ctrl-C is recorded as ``interrupted`` and re-raised. A record that cannot be written
+    raises ``WriteError`` (the summary says ``failed`` and ``io_error`` where it still can). A
+    folder that holds this finished run raises ``AlreadyDone`` unless ``config.overwrite``;
+    one holding a finished run of other options, or written by another process, is a
+    ``ConfigError`` (runfolder). The caller's config and RNG state are left untouched.
     """
     return train_pack([config])[0]
 
@@ -128,7 +131,20 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
         config.wandb = wandb_mode(config.wandb)
     if any(c.wandb == "online" for c in configs):
         check_wandb_online()
-    folders = [RunFolder(c.run_dir) for c in configs]
+    folders: list[RunFolder] = []
+    try:
+        for c in configs:
+            folders.append(RunFolder(c.run_dir, c.run_id, c.overwrite))
+        return _train_into(configs, folders, schemes, model, device)
+    finally:
+        for folder in folders:
+            folder.close()
+
+
+def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, model,
+                device: torch.device) -> list[dict[str, Any]]:
+    """train_pack's work once the folders are claimed."""
+    first = configs[0]
     say = (lambda message: None) if first.quiet else say_stderr
     dataset = load_dataset(first.dataset, first.data_dir, first.strict_data, say=say)
     dataset = dataset.split_validation(first.val_size)
@@ -168,10 +184,15 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
         message = (str(exc).strip().splitlines() or [""])[0]
         for run in runs:
             run.summary |= {"status": status, "error": f"{type(exc).__name__}: {message}"}
-            run.folder.write_error(traceback.format_exc())
-            run.tracker.summary(run.summary)
-        if isinstance(exc, InitStudyError):  # a device that cannot take the run: one line
-            raise
+            if isinstance(exc, WriteError):
+                run.summary["io_error"] = True  # unfinished: a sweep redoes it
+            try:  # where the disk still takes it; else the folder stays "running", redone
+                run.folder.write_error(traceback.format_exc())
+                run.tracker.summary(run.summary)
+            except WriteError:
+                pass
+        if isinstance(exc, InitStudyError):  # a device that cannot take the run, a full
+            raise  # disk: one line
         if isinstance(exc, Exception):
             where = runs[0].folder.path / "error.txt"
             raise RunFailed(f"run failed: {runs[0].summary['error']} (traceback in "

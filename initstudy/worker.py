@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import RunConfig
-from .errors import InitStudyError, RunFailed
+from .errors import AlreadyDone, InitStudyError, RunFailed, WriteError
 from .runfolder import FINISHED, write_json_atomic
 from .training import train_pack
 
@@ -19,19 +19,24 @@ def record_failure(config: RunConfig, error: str, ended_as: str = "failed") -> N
     """Mark a run ``failed`` (or ``interrupted``) when its own process could not: it died, or
     never started training, or was stopped before it had recorded anything."""
     folder = Path(config.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "error.txt").exists():  # the run's own traceback, where it wrote one
-        (folder / "error.txt").write_text(error + "\n")
-    write_json_atomic(folder / "summary.json",
-                      config.summary_head(ended_as, config.dataset) | {"error": error})
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "error.txt").exists():  # the run's own traceback, where it wrote one
+            (folder / "error.txt").write_text(error + "\n")
+        write_json_atomic(folder / "summary.json",
+                          config.summary_head(ended_as, config.dataset) | {"error": error})
+    except (OSError, WriteError):
+        pass  # the folder cannot take it: it stays unfinished, and a sweep redoes it
 
 
 def run_pack(configs: list[RunConfig]) -> list[str]:
     """Train planned runs together in this process, recording any failure; their statuses."""
     try:
         return [summary["status"] for summary in train_pack(configs)]
-    except RunFailed:
-        return ["failed"] * len(configs)  # train_pack recorded it, traceback included
+    except AlreadyDone as exc:  # finished meanwhile by another process
+        return [exc.summary["status"]] * len(configs)
+    except (RunFailed, WriteError):
+        return ["failed"] * len(configs)  # train_pack recorded what it could
     except InitStudyError as exc:  # before training: missing data, bad device...
         for config in configs:
             record_failure(config, str(exc))

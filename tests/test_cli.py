@@ -86,14 +86,6 @@ def test_val_size_zero_trains_on_every_training_image(tiny_data, tmp_path):
     assert bad.exit_code == 2 and "validation size must be >= 0" in bad.stderr
 
 
-def test_default_run_folder_is_runs_slash_name(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = run_cli("run", "--scheme", "xavier", "--epochs", "1", "--data-dir",
-                     str(tiny_data), "--device", "cpu", "-q")
-    assert result.exit_code == 0, result.stderr
-    assert (tmp_path / "runs" / "xavier-s0" / "summary.json").is_file()
-
-
 def test_offline_mnist_falls_back_to_the_sample_and_records_it(tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", "--scheme", "kaiming", "--epochs", "1", "--train-subset", "200",

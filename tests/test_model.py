@@ -61,16 +61,14 @@ def stripped_lines(text: str) -> list[str]:
 
 
 def test_printout_matches_the_document_line_for_line():
+    """Against the printout kept here, so it runs wherever the project is cloned; where the
+    seed document sits beside the checkout, that copy is checked against it too."""
     assert stripped_lines(str(LeNet())) == stripped_lines(DOCUMENT_PRINTOUT)
-
-
-def test_expected_printout_is_the_one_in_the_seed_document():
-    if not SEED_DOC.is_file():
-        pytest.skip(f"seed document not found at {SEED_DOC}")
-    doc = SEED_DOC.read_text().splitlines()
-    start = doc.index("print(model)") + 1
-    printed = doc[start:start + len(DOCUMENT_PRINTOUT.splitlines())]
-    assert stripped_lines("\n".join(printed)) == stripped_lines(DOCUMENT_PRINTOUT)
+    if SEED_DOC.is_file():
+        doc = SEED_DOC.read_text().splitlines()
+        start = doc.index("print(model)") + 1
+        printed = doc[start:start + len(DOCUMENT_PRINTOUT.splitlines())]
+        assert stripped_lines("\n".join(printed)) == stripped_lines(DOCUMENT_PRINTOUT)
 
 
 def test_document_weights_load_and_compute_the_same_function():

@@ -266,8 +266,8 @@ def test_a_rerun_clears_what_a_killed_writer_left(tmp_path):
     (run / ".summary.json.k1ll3d.tmp").write_text('{"status": "ok"')  # killed before its rename
     (run / "metrics.jsonl").write_text('{"step": 50}\n')
     (run / "notes.txt").write_text("mine")
-    RunFolder(run)
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    RunFolder(run, "x").close()
+    assert sorted(p.name for p in run.iterdir()) == [".run.lock", "notes.txt"]
 
 
 @pytest.mark.slow
