@@ -24,9 +24,9 @@ from .errors import AlreadyDone, InitStudyError, Terminated, raise_terminated
 from .schemes import SCHEME_COLUMNS, apply_scheme, scheme_rows, scheme_table_markdown
 from .sources import fetch_dataset, import_pickle, inventory
 from .study import load_study, plan
-from .sweep import plan_table, sweep, visible_gpus
+from .sweep import offline_records, plan_table, sweep, visible_gpus
 from .runfolder import FINISHED, write_json_atomic
-from .tracking import check_wandb_online, wandb_mode
+from .wandbenv import check_wandb_online, report_wandb_mode, wandb_mode
 from .training import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -193,11 +193,16 @@ def report(
                                            "a scheme within it of the baseline (TOST) is "
                                            "'equivalent' [default: the study file's margin, "
                                            f"else {MARGIN_POINTS:g}]."),
+    wandb: Optional[str] = typer.Option(None, help="Also log the report (tables, figures, "
+                                        "headline numbers) as one W&B run in the study's "
+                                        "group: offline | online [default: off].",
+                                        metavar="offline|online"),
 ) -> None:
     """Compare the schemes of saved runs: tables with intervals, verdicts, figures, HTML. No
     training."""
     readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title,
-                         tune=tune or None, margin=margin)
+                         tune=tune or None, margin=margin,
+                         wandb=None if wandb is None else report_wandb_mode(wandb))
     typer.echo(f"wrote {readme}, {out / 'report.html'}, {out / 'results.csv'}, "
                f"{out / 'figures'}/")
 
@@ -268,6 +273,11 @@ def sweep_command(
                    slurm=dict(partition=partition, gpus_per_task=gpus_per_task, time_min=time,
                               mem=mem, runs_per_task=runs_per_task,
                               cpus_per_task=cpus_per_task))
+    offline = offline_records(plan(loaded, out, **overrides))
+    if offline:
+        typer.echo(f"W&B: the runs were mirrored offline, to {' '.join(offline)}; upload the "
+                   f"whole study with `wandb sync {' '.join(offline)}` (after `wandb login`)",
+                   err=True)
     not_done = sum(n for st, n in counts.items() if st not in FINISHED)
     if not_done:
         typer.echo(f"{not_done} run(s) failed or unfinished: see their summary.json and "

@@ -20,13 +20,15 @@ from typing import Any
 from .analysis import Analysis, compare
 from .axes import Axis, axis_order, find_axes, schemes_of
 from .config import DEFAULT_MODEL, check_margin, check_tune
+from .dashboard import log_report
 from .errors import InitStudyError
 from .figures import axis_figures, figures, split_name
 from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
 from .results import (Run, compare_key, comparisons, confirmation, load_runs, study_margin,
-                      study_tune)
+                      study_name, study_tune)
 from .stats import LEVEL
 from .tuning import STABLE_WITHIN, describe_values
+from .wandbenv import check_wandb_online
 
 
 def main_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -271,12 +273,16 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
 
 def make_report(dirs: list[Path], out: Path, baseline: str = "default",
                 target: float | None = None, title: str | None = None,
-                tune: list[str] | None = None, margin: float | None = None) -> Path:
+                tune: list[str] | None = None, margin: float | None = None,
+                wandb: str | None = None) -> Path:
     """Write ``out``/README.md, report.html (self-contained), figures/*.png and results.csv
     from the run folders in ``dirs``; returns the README's path. ``tune``: options chosen per
     scheme on validation (default: the ``tune`` of the study files in ``dirs``). ``margin``:
     the equivalence margin in accuracy points (default: the study files' ``margin``, else
-    ``stats.MARGIN_POINTS``)."""
+    ``stats.MARGIN_POINTS``). ``wandb`` "offline" / "online": the report is also logged as one
+    W&B run in the study's group (``dashboard``); online checks the key and server first."""
+    if wandb == "online":
+        check_wandb_online()
     runs = load_runs(dirs)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -338,4 +344,10 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
+    if wandb in ("offline", "online"):
+        group = study_name(dirs) or next((r.config.get("group") for r in runs
+                                          if r.config.get("group")), "adhoc")
+        project = next((r.config.get("wandb_project") for r in runs
+                        if r.config.get("wandb_project")), "initstudy")
+        log_report(sections, analyses, out, title, group, project, wandb)
     return out / "README.md"

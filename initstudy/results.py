@@ -119,6 +119,11 @@ def _study_files(dirs: list[Path]) -> list[dict[str, Any]]:
     return specs
 
 
+def study_name(dirs: list[Path]) -> str | None:
+    """The ``name`` of the first study file in ``dirs`` that has one."""
+    return next((spec["name"] for spec in _study_files(dirs) if spec.get("name")), None)
+
+
 def study_tune(dirs: list[Path]) -> list[str]:
     """The ``tune`` list of the study files in ``dirs``."""
     tune: list[str] = []

@@ -28,6 +28,7 @@ from .config import RunConfig
 from .runfolder import FINISHED
 from .slurm import submit_slurm, wait_slurm
 from .study import STUDY_OPTIONS, Study, StudyError, _summary, packs, plan, status, to_do
+from .wandbenv import wandb_mode
 from .worker import record_failure
 
 
@@ -260,6 +261,13 @@ class SweepProgress:
             self.progress.console.print(f"{run_status:>8}  {config.run_id}  {detail}")
         self.progress.update(self.task, info=f"running {len(self.running)}  "
                                               f"failed {self.failed}")
+
+
+def offline_records(runs: list[RunConfig]) -> list[str]:
+    """Where the runs mirrored offline keep their wandb records, as globs for `wandb sync`
+    (``OUT/*/wandb/offline-run-*``)."""
+    return sorted({f"{Path(c.wandb_dir) if c.wandb_dir else Path(c.out).parent / '*'}"
+                   f"/wandb/offline-run-*" for c in runs if wandb_mode(c.wandb) == "offline"})
 
 
 def plan_table(runs: list[RunConfig]):

@@ -26,7 +26,8 @@ from .pack import Pack
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset, say_stderr
-from .tracking import Tracker, WandbMirror, check_wandb_online, wandb_mode
+from .tracking import Tracker, WandbMirror
+from .wandbenv import check_wandb_online, wandb_mode
 
 EVAL_BATCH = 500  # images x runs per evaluation pass (a pack of K runs sees 500 // K images
 # each): the first conv's output is 0.4 MB per image per run, so at most 200 MB a pass

@@ -13,7 +13,7 @@ from initstudy import RunConfig, train
 from initstudy.cli import app
 from initstudy.errors import ConfigError
 from initstudy.runfolder import read_jsonl
-from initstudy.tracking import wandb_mode
+from initstudy.wandbenv import wandb_mode
 
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 WANDB = Path(sys.executable).with_name("wandb")
@@ -181,3 +181,66 @@ def test_any_model_is_mirrored_layer_by_layer(tiny_data, tmp_path):
     for update in records["summary"]:
         summary |= update.get("update", {})
     assert summary["init/layers.1/saturated_frac"] >= 0 and summary["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_report_logs_its_conclusion_as_one_wandb_run(tmp_path):
+    from test_report import fake_run
+
+    runs = tmp_path / "runs"
+    for seed, (d, k) in enumerate([(0.90, 0.96), (0.91, 0.965), (0.92, 0.97)]):
+        fake_run(runs, "default", seed, [0.1, 0.8, d], vals=[0.1, 0.8, d])
+        fake_run(runs, "kaiming", seed, [0.1, 0.9, k], vals=[0.1, 0.9, k])
+    (runs / "study.toml").write_text('name = "tiny-study"\n')
+    out = tmp_path / "report"
+    for _ in range(2):  # made twice: still one report run in the folder
+        result = CliRunner().invoke(app, ["report", str(runs), "--out", str(out),
+                                          "--wandb", "offline"])
+        assert result.exit_code == 0, result.output
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    records = inspect(out)
+    run = records["run"][0]
+    assert run["run_group"] == "tiny-study" and run["job_type"] == "report"
+    logged = {k: v for h in records["history"] for k, v in h["item"].items()}
+    for key in ("tables/c1/per_scheme", "tables/c1/against_default",
+                "tables/c1/held_equal_in_this_comparison", "tables/provenance/table"):
+        assert logged[f"{key}._type"] == "table-file", key
+    images = {k[:-len("._type")] for k, v in logged.items() if v == "image-file"}
+    assert {f"figures/c1/{p.stem}" for p in (out / "figures").glob("*.png")} == images
+    assert logged["figures/c1/final_acc.caption"].startswith("Final accuracy on the test")
+    summary = {k: v for s in records["summary"] for k, v in s["update"].items()}
+    assert summary["c1/kaiming/verdict"] == "better"  # +5.5 points, Welch p < 0.01 at n = 3
+    assert summary["c1/kaiming/n"] == 3 and summary["c1/default/test_acc"] == pytest.approx(0.91)
+    assert summary["c1/kaiming/diff_lo"] < summary["c1/kaiming/diff"] < summary["c1/kaiming/diff_hi"]
+
+
+def test_a_wandb_failure_never_stops_a_report(tmp_path, monkeypatch, capsys):
+    from initstudy import dashboard
+    from initstudy.render import Section
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the service died")
+
+    monkeypatch.setattr(dashboard, "_log", broken)
+    assert dashboard.log_report([Section("h1", "t")], [], tmp_path, "t", "g", "p",
+                                "offline") is None
+    assert "WARNING: wandb failed (RuntimeError: the service died)" in capsys.readouterr().err
+
+
+def test_a_report_online_checks_key_and_server_before_anything(tmp_path, monkeypatch):
+    import wandb
+
+    from test_report import fake_run
+
+    runs = tmp_path / "runs"
+    fake_run(runs, "default", 0, [0.1, 0.9])
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    result = CliRunner().invoke(app, ["report", str(runs), "--out", str(tmp_path / "r"),
+                                      "--wandb", "online"])
+    assert result.exit_code == 2 and "cannot reach http://127.0.0.1:9" in result.stderr
+    assert not (tmp_path / "r").exists()
+    bad = CliRunner().invoke(app, ["report", str(runs), "--out", str(tmp_path / "r"),
+                                   "--wandb", "disabled"])
+    assert bad.exit_code == 2 and "offline or online" in bad.stderr
