@@ -22,8 +22,12 @@ RESULT_FIELDS = ("scheme", "model", "seed", "data_seed", "dataset", "val_size", 
                  "subset_seed", "epochs", "batch_size", "optimizer", "lr", "momentum",
                  "weight_decay", "loss", "precision")
 DEFAULT_MODEL = "lenet"  # the document's; runs of it keep the ids they had before models
-# What runs trained together as one pack must share: all but the scheme and the seeds.
-PACK_FIELDS = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed")) + (
+# The optimizer's per-run scalars: runs of one pack may differ in them, each stepping with its
+# own (training.PerRunOptimizer).
+PER_RUN = ("lr", "momentum", "weight_decay")
+# What runs trained together as one pack must share: all but the scheme, the seeds and PER_RUN.
+PACK_FIELDS = tuple(f for f in RESULT_FIELDS
+                    if f not in ("scheme", "seed", "data_seed", *PER_RUN)) + (
     "data_dir", "strict_data", "device", "log_every", "diag_batch", "compile")
 PRECISIONS = ("fp32", "tf32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")

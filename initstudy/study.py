@@ -246,7 +246,7 @@ def _summary(config: RunConfig) -> dict[str, Any]:
 
 def packs(runs: list[RunConfig], size: int) -> list[list[RunConfig]]:
     """Runs grouped into packs of at most ``size`` that may train together (equal in all but
-    scheme and seeds), in the runs' order."""
+    scheme, seeds and the optimizer's per-run scalars), in the runs' order."""
     groups: dict[str, list[RunConfig]] = {}
     for config in runs:
         key = json.dumps([getattr(config, f) for f in PACK_FIELDS])

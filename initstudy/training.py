@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .config import PACK_FIELDS, RunConfig
+from .config import PACK_FIELDS, PER_RUN, RunConfig
 from .data import Dataset, batches, normalise, random_batch
 from .diagnostics import DIAG_SEED, init_diagnostics, snapshot, weight_dynamics
 from .environment import (HEAP_KEEP, environment, hold_freed_memory, numerics, on_device,
@@ -109,11 +109,35 @@ class _Run:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class PerRunOptimizer:
+    """One torch optimizer per run of a pack, each over leaves that share the storage of that
+    run's slice of the pack's stacked parameters: each run steps with its own lr, momentum and
+    weight decay by torch's own arithmetic, as it would alone. ``makers[k](params)`` builds
+    run k's optimizer."""
+
+    def __init__(self, stacked: list[torch.Tensor], makers: list[Callable]):
+        self.stacked = stacked
+        self.views = [[p[k].detach().requires_grad_() for p in stacked]
+                      for k in range(len(makers))]
+        self.optimizers = [make(views) for make, views in zip(makers, self.views)]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.stacked:
+            p.grad = None
+
+    def step(self) -> None:
+        for k, (views, optimizer) in enumerate(zip(self.views, self.optimizers)):
+            for view, p in zip(views, self.stacked):
+                view.grad = None if p.grad is None else p.grad[k]
+            optimizer.step()
+
+
 def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     """Train several runs at once, vectorised over the runs (``Pack``), and return their
-    summaries in order. The runs may differ only in scheme and seeds (``PACK_FIELDS``); each
-    gets its own init, data order, dropout masks and run folder, with the same results as
-    training it alone (to float tolerance). Errors as for ``train``; a crash fails every run
+    summaries in order. The runs may differ only in scheme, seeds and the optimizer's per-run
+    scalars (``PACK_FIELDS``, ``PER_RUN``); each gets its own init, data order, dropout masks,
+    learning rate and run folder, with the same results as training it alone (to float
+    tolerance). Errors as for ``train``; a crash fails every run
     of the pack."""
     configs = [dataclasses.replace(c) for c in configs]
     for config in configs:
@@ -121,8 +145,8 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     first = configs[0]
     for f in PACK_FIELDS:
         if any(getattr(c, f) != getattr(first, f) for c in configs):
-            raise ConfigError(f"runs trained as one pack must differ only in scheme and seeds; "
-                              f"'{f}' differs")
+            raise ConfigError(f"runs trained as one pack must differ only in scheme, seeds "
+                              f"and {', '.join(PER_RUN)}; '{f}' differs")
     schemes = [resolve(c.scheme) for c in configs]  # a bad spec fails before disk or data
     model = check_model(first.model)  # a model that does not fit fails before disk or data
     device = resolve_device(first.device)
@@ -248,7 +272,11 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device,
         seed = run.config.effective_data_seed
         run.order = torch.Generator().manual_seed(seed)
         run.dropout = torch.Generator(device=device).manual_seed(seed)
-    optimizer = OPTIMIZERS[first.optimizer](pack.parameters(), first)
+    scalars = {tuple(getattr(r.config, f) for f in PER_RUN) for r in runs}
+    optimizer = (OPTIMIZERS[first.optimizer](pack.parameters(), first) if len(scalars) == 1
+                 else PerRunOptimizer(pack.parameters(), [
+                     lambda params, c=r.config: OPTIMIZERS[c.optimizer](params, c)
+                     for r in runs]))
     objective = torch.func.vmap(OBJECTIVES[first.loss])
     _record_epoch(runs, pack, data, 0, 0, None)
     step, train_seconds, images = 0, 0.0, 0  # images: per run, counted on the host

@@ -1,5 +1,6 @@
 """Packing: runs trained together with torch.func give the metrics of each trained alone."""
 
+import copy
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from initstudy.model import LeNet
 from initstudy.pack import Pack
 from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
-from initstudy.training import train_pack
+from initstudy.training import PerRunOptimizer, train_pack
 
 from helpers import assert_packed_step_is_each_models_own
 
@@ -52,8 +53,14 @@ def test_packed_runs_record_what_solo_runs_do(tiny_data, tmp_path):
     steps in) equal to float rounding. Later numbers drift apart as training amplifies the
     rounding (seen: 2e-3 relative after two epochs on an AVX2 CPU, 3e-4 with AVX-512), so
     they are held to 5%: what packing must not change is the run, not its last bits."""
-    packed = train_pack(configs(tiny_data, tmp_path / "packed"))
-    solo = [train(c) for c in configs(tiny_data, tmp_path / "solo")]
+    def mixed(root):  # each run its own lr, momentum and weight decay
+        runs = configs(tiny_data, root)
+        for c, (lr, m, wd) in zip(runs, [(0.01, 0.9, 0.0), (0.03, 0.5, 1e-4), (0.003, 0.9, 0.0)]):
+            c.lr, c.momentum, c.weight_decay = lr, m, wd
+        return runs
+
+    packed = train_pack(mixed(tmp_path / "packed"))
+    solo = [train(c) for c in mixed(tmp_path / "solo")]
     for p, s, name in zip(packed, solo, "abc"):
         assert p["status"] == s["status"] and p["steps"] == s["steps"]
         for key in ("test/acc", "test/loss", "val/acc", "train/loss"):
@@ -90,11 +97,45 @@ def test_a_diverging_run_does_not_disturb_its_pack(tiny_data, tmp_path):
     assert close(packed[0]["test/loss"], alone["test/loss"], 1e-3)  # zeros: only a bias moves
 
 
-def test_pack_members_must_differ_only_in_scheme_and_seeds(tiny_data, tmp_path):
+def test_pack_members_must_differ_only_in_scheme_seeds_and_optimizer_scalars(tiny_data,
+                                                                             tmp_path):
     a, b, _ = configs(tiny_data, tmp_path)
-    b.lr = 0.1
-    with pytest.raises(ConfigError, match="'lr' differs"):
+    b.batch_size = 64
+    with pytest.raises(ConfigError, match="'batch_size' differs"):
         train_pack([a, b])
+
+
+def test_a_packed_step_with_each_runs_own_lr_momentum_and_decay_is_each_runs_own():
+    """The optimizer's side of the contract, in float64: two steps of a pack whose runs differ
+    in lr, momentum and weight decay leave each run's weights where its solo steps do."""
+    torch.manual_seed(0)
+    scalars = [(0.1, 0.9, 0.0), (0.01, 0.0, 1e-3), (0.5, 0.5, 1e-2)]
+    models = [apply_scheme(LeNet(), s, seed=i).double() for i, s in
+              enumerate(("kaiming", "xavier", "orthogonal"))]
+    x = torch.randn(3, 8, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (3, 8))
+    masks = ((torch.rand(3, 8, 84) > 0.1).double() / 0.9,)
+    sgd = lambda params, lr, m, wd: torch.optim.SGD(params, lr=lr, momentum=m, weight_decay=wd)
+
+    def two_steps(pack, optimizer, xs, ys, ms):
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            logits = pack.logits(xs, ms)
+            sum(torch.nn.functional.cross_entropy(l, t) for l, t in zip(logits, ys)).backward()
+            optimizer.step()
+        return pack
+
+    packed = Pack([copy.deepcopy(m) for m in models])
+    packed = two_steps(packed, PerRunOptimizer(packed.parameters(), [
+        lambda params, s=s: sgd(params, *s) for s in scalars]), x, y, masks)
+    for k, (model, s) in enumerate(zip(models, scalars)):
+        alone = Pack([copy.deepcopy(model)])
+        alone = two_steps(alone, sgd(alone.parameters(), *s), x[k:k + 1], y[k:k + 1],
+                          tuple(m[k:k + 1] for m in masks))
+        for name, p in alone.params.items():
+            assert torch.allclose(packed.params[name][k], p[0], rtol=1e-9, atol=1e-12), name
+        moved = packed.params["net.classifer.4.weight"][k] - model.classifer[4].weight
+        assert moved.abs().max() > 0  # it trained
 
 
 def test_pack_forward_equals_each_model():

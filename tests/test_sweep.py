@@ -306,8 +306,10 @@ def test_packed_sweep_trains_runs_together(tmp_path, tiny_data):
 def test_packs_group_only_runs_that_may_train_together():
     from initstudy.study import packs
 
-    runs = expand({"schemes": ["default", "xavier", "kaiming"], "seeds": 2, "lr": [0.01, 0.1]})
-    units = packs(runs, 4)
-    assert sorted(len(u) for u in units) == [2, 2, 4, 4]
-    assert all(len({c.lr for c in unit}) == 1 for unit in units)
+    runs = expand({"schemes": ["default", "xavier", "kaiming"], "seeds": 2, "lr": [0.01, 0.1],
+                   "batch_size": [32, 64]})
+    units = packs(runs, 8)
+    assert sorted(len(u) for u in units) == [4, 4, 8, 8]  # a grid of lrs packs together
+    assert all(len({c.batch_size for c in unit}) == 1 for unit in units)
+    assert {len({c.lr for c in unit}) for unit in units} == {2}
     assert sorted(c.run_id for u in units for c in u) == sorted(c.run_id for c in runs)
