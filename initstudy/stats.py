@@ -37,9 +37,12 @@ def _clean(values) -> np.ndarray:
     return np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
 
 
-def mean_ci(values, level: float = LEVEL) -> tuple[float, float]:
-    """Student-t interval of the mean over runs (seeds). NaNs for fewer than two runs; a
-    zero-width interval at the value when every run gave the same number."""
+def mean_ci(values, level: float = LEVEL,
+            bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
+    """Student-t interval of the mean over runs (seeds), cut to ``bounds`` (an accuracy lies in
+    [0, 1]: the cut drops only values the mean cannot take, so the coverage is unchanged).
+    NaNs for fewer than two runs; a zero-width interval at the value when every run gave the
+    same number."""
     data = _clean(values)
     if len(data) < 2:
         return math.nan, math.nan
@@ -49,7 +52,7 @@ def mean_ci(values, level: float = LEVEL) -> tuple[float, float]:
 
     with _quiet():
         ci = stats.ttest_1samp(data, data.mean()).confidence_interval(level)
-    return float(ci.low), float(ci.high)
+    return float(max(ci.low, bounds[0])), float(min(ci.high, bounds[1]))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,12 @@ def test_mean_interval_covers_its_level(n):
     assert np.mean(covered) == pytest.approx(LEVEL, abs=TOLERANCE)
 
 
+def test_an_accuracy_interval_stays_within_0_and_1():
+    lo, hi = mean_ci([0.11, 0.60, 0.99])  # a lottery: t alone would reach past 100%
+    assert 0 <= lo and hi == 1.0
+    assert mean_ci([-5.0, 5.0, 1.0], bounds=(-math.inf, math.inf))[0] < -5
+
+
 @pytest.mark.parametrize("n_a,n_b,sd_a,sd_b", [(3, 3, 1, 1), (5, 5, 1, 3), (10, 3, 2, 1),
                                                (10, 10, 1, 1)])
 def test_welch_interval_covers_its_level_with_unequal_spreads(n_a, n_b, sd_a, sd_b):
