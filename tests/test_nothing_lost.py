@@ -92,9 +92,9 @@ def test_a_second_writer_of_one_folder_refuses(tiny_data, tmp_path):
     assert not (out / "summary.json").exists()  # the other writer's folder is left alone
 
 
-def fail_writes_to(monkeypatch, name: str) -> None:
-    """Every write of ``name`` in a run folder fails as on a full disk."""
-    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def fail_writes_to(monkeypatch, name: str, code: int = errno.ENOSPC) -> None:
+    """Every write of ``name`` in a run folder fails as on a full disk (or with ``code``)."""
+    full = OSError(code, os.strerror(code))
     real_open, real_replace, real_write_text = open, os.replace, Path.write_text
 
     def opened(path, *args, **kwargs):
@@ -144,6 +144,19 @@ def test_a_failed_write_is_one_line_and_the_run_is_left_unfinished(tiny_data, tm
         assert summary["io_error"] is True
     config = RunConfig(scheme="xavier", out=str(out))
     assert to_do([config], retry_failed=False) == [config]  # a sweep redoes it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOENT, errno.EACCES])
+def test_a_read_only_vanished_or_forbidden_folder_is_one_line(tiny_data, tmp_path,
+                                                             monkeypatch, code):
+    out = tmp_path / "run"
+    fail_writes_to(monkeypatch, "metrics.jsonl", code)
+    result = run_cli(tiny_data, "--scheme", "xavier", "--out", str(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line == f"error: cannot write {out / 'metrics.jsonl'}: {os.strerror(code)}"
+    assert summary_of(out)["status"] == "failed" and summary_of(out)["io_error"] is True
 
 
 @pytest.mark.slow
