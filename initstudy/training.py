@@ -137,8 +137,7 @@ def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
     summaries in order. The runs may differ only in scheme, seeds and the optimizer's per-run
     scalars (``PACK_FIELDS``, ``PER_RUN``); each gets its own init, data order, dropout masks,
     learning rate and run folder, with the same results as training it alone (to float
-    tolerance). Errors as for ``train``; a crash fails every run
-    of the pack."""
+    tolerance). Errors as for ``train``; a crash fails every run of the pack."""
     configs = [dataclasses.replace(c) for c in configs]
     for config in configs:
         config.validate()
