@@ -78,19 +78,33 @@ class LeNet(nn.Module):
         same numbers (both pass through each window's arg-max, and are zero where its maximum
         is <= 0), while the ReLU touches a quarter of them.
 
-        ``chunk``: run the first conv and its pooling on this many images at a time. Its
-        output is 0.4 MB per image, 51 MB for a batch of 128, more than a CPU's cache; in
-        chunks it is pooled while still cached. The same numbers, but for the order in which
-        the first conv's weight gradient is summed over the batch.
+        ``chunk`` (on a CPU): the first conv, whose one input channel makes it a thin matrix
+        product (25 inputs per output position) that oneDNN's convolution runs far below the
+        CPU's speed, runs as that product (``_first_conv_as_matmul``), on this many images
+        at a time, so its 0.4 MB of output per image is pooled while still in cache. The same
+        values up to float rounding: the 25 products of each output are summed in another
+        order, and so is the first conv's weight gradient over the batch.
         """
         x = nn.ZeroPad2d((2, 2, 2, 2))(x)
         conv1, relu1, pool1, conv2, relu2, pool2, conv3, relu3 = self.features
-        if chunk and chunk < len(x):
-            x = torch.cat([relu1(pool1(conv1(part))) for part in x.split(chunk)])
+        if chunk:
+            x = torch.cat([relu1(pool1(_first_conv_as_matmul(conv1, part)))
+                           for part in x.split(chunk)])
         else:
             x = relu1(pool1(conv1(x)))
         x = relu3(conv3(relu2(pool2(conv2(x)))))
         return self.classifer[:-1](x)
+
+
+def _first_conv_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a one-channel, stride-1, unpadded convolution, as the matrix product of
+    x's 5x5 patches (im2col, ``F.unfold``) with the weights: N x C x H x W, laid out
+    channels-last (the product's rows are the output positions), as the next layers want."""
+    n, (kh, kw) = len(x), conv.kernel_size
+    height, width = x.shape[-2] - kh + 1, x.shape[-1] - kw + 1
+    patches = nn.functional.unfold(x, conv.kernel_size).transpose(1, 2)  # N x HW x 25
+    y = torch.addmm(conv.bias, patches.reshape(-1, kh * kw), conv.weight.reshape(-1, kh * kw).t())
+    return y.view(n, height, width, -1).permute(0, 3, 1, 2)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
