@@ -72,6 +72,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         # What decides whether a GPU run repeats bit for bit (docs/records.md).
         "compute_capability": (".".join(map(str, torch.cuda.get_device_capability(device)))
                                if device.type == "cuda" else None),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # PyTorch's vector ISA
+        "native_bf16": native_bf16(device),
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
@@ -81,6 +83,14 @@ def environment(device: torch.device) -> dict[str, Any]:
         "argv": sys.argv,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 in hardware: a GPU from Ampere (compute capability
+    8.0) on, a CPU with AVX512-BF16 or AMX. Elsewhere bf16 is emulated, and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 HEAP_KEEP = 256 << 20  # bytes of freed memory malloc may keep for reuse; see hold_freed_memory

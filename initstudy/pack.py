@@ -1,10 +1,12 @@
 """K models trained as one: parameters stacked, forward passes vectorised with torch.func."""
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from .config import ENGINES
 from .errors import ConfigError
 from .model import dropout_shapes, init_layers, train_scores
 
@@ -39,25 +41,36 @@ class _Scores(nn.Module):
 
 class Pack:
     """K models of one architecture trained as one: their parameters stacked along a new first
-    dimension (``torch.func.stack_module_state``) and their forward passes vectorised with
-    ``vmap``. Each model keeps its own weights, data and dropout masks; gradients of a sum of
-    per-model losses are each model's own. K = 1 is plain training (no vmap, channels-last).
-    The models must all be on one device; on a CPU the LeNet's first conv runs in chunks of
-    CPU_CHUNK. Models with batch norm cannot be packed (vmap cannot update a running
-    statistic per model): ConfigError for K > 1."""
+    dimension (``torch.func.stack_module_state``), each model keeping its own weights, data and
+    dropout masks, and gradients that are each model's own. Two engines (``ENGINES``):
 
-    def __init__(self, models: list[nn.Module], compile: bool = False):
+    - ``loop``: each model's forward and backward in turn, on its slice of the stacked
+      parameters, with its convolutions channels-last (NHWC), which oneDNN and cuDNN run
+      faster than NCHW: the same arithmetic as training it alone, and one model's
+      activations in memory at a time. A CPU's engine (one LeNet already keeps a CPU busy),
+      and K = 1's.
+    - ``vmap``: one forward and backward for all K (``torch.func.vmap``; convolutions become
+      grouped ones): a GPU's engine, where one LeNet leaves the chip idle; K models'
+      activations at once. Models with batch norm cannot take it (vmap cannot update a
+      running statistic per model): ConfigError, naming the loop engine.
+
+    ``auto`` is ``loop`` on a CPU, else ``vmap``. The models must all be on one device; on a
+    CPU the LeNet's first conv runs as a matrix product in chunks of CPU_CHUNK."""
+
+    def __init__(self, models: list[nn.Module], compile: bool = False, engine: str = "auto"):
         from torch.func import functional_call, stack_module_state, vmap
 
         self.size = len(models)
-        if self.size > 1 and any(isinstance(m, nn.modules.batchnorm._NormBase)
-                                 for m in models[0].modules()):
-            raise ConfigError("models with batch norm cannot be trained as a pack (vmap cannot "
-                              "update their running statistics per run): use --pack 1")
+        cpu = next(models[0].parameters()).device.type == "cpu"
+        self.engine = resolve_engine(engine, cpu, self.size)
+        if self.engine == "vmap" and any(isinstance(m, nn.modules.batchnorm._NormBase)
+                                         for m in models[0].modules()):
+            raise ConfigError("models with batch norm cannot be trained as a vmap pack (vmap "
+                              "cannot update their running statistics per run): use "
+                              "--engine loop or --pack 1")
         dropouts = dropout_shapes(models[0])
         self.dropouts = [(p, shape) for _, p, shape in dropouts]
         self._weights = [f"net.{name}.weight" for name, _ in init_layers(models[0])]
-        cpu = next(models[0].parameters()).device.type == "cpu"
         wrapped = [_Scores(m, CPU_CHUNK if cpu else None) for m in models]
         self.params, self.buffers = stack_module_state(wrapped)
         self._template = copy.deepcopy(models[0]).to("meta")
@@ -72,28 +85,23 @@ class Pack:
         def eval_logits(params, buffers, x):
             return functional_call(eval_base, (params, buffers), (x,))
 
-        if self.size == 1:
-            # One model needs no vmap, and can run its convolutions channels-last (NHWC),
-            # which oneDNN and cuDNN run faster than NCHW: the same numbers, in another order.
-            # Conv weights are laid out channels-last too (a leaf with those strides keeps
-            # them, and so do its gradients and the optimizer's in-place updates).
-            # (empty_like + copy_, since contiguous() keeps the strides of a one-channel
-            # kernel, which count as both layouts, and then convs pick NCHW.)
-            for name, t in self.params.items():
-                if t.dim() == 5:
-                    nhwc = torch.empty_like(t[0], memory_format=torch.channels_last)
-                    self.params[name] = nhwc.copy_(t[0].detach()).unsqueeze(0).requires_grad_()
-            one = lambda tree: {name: t[0] for name, t in tree.items()}
-            nhwc = lambda x: x.contiguous(memory_format=torch.channels_last)
-            self._train = lambda p, b, x, m: train_logits(
-                one(p), one(b), nhwc(x[0]), tuple(mask[0] for mask in m)).unsqueeze(0)
-            self._eval = lambda p, b, x: eval_logits(one(p), one(b), nhwc(x)).unsqueeze(0)
+        if self.engine == "loop":
+            # Each model's conv weights channels-last (a slice with those strides keeps them,
+            # and its gradient and the optimizer's in-place updates do too), and its inputs.
+            self.params = {name: _channels_last_slices(t) if t.dim() == 5 else t
+                           for name, t in self.params.items()}
+            self._train, self._eval = train_logits, eval_logits
         else:
             self._train = vmap(train_logits)
             self._eval = vmap(eval_logits, in_dims=(0, 0, None))
         if compile:
             self._train = torch.compile(self._train)
             self._eval = torch.compile(self._eval)
+
+    def _run(self, k: int) -> tuple[dict, dict]:
+        """Model k's parameters and buffers: views of its slices of the stacked ones."""
+        return ({name: t[k] for name, t in self.params.items()},
+                {name: t[k] for name, t in self.buffers.items()})
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
@@ -108,12 +116,52 @@ class Pack:
 
     def logits(self, x: torch.Tensor, masks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """Training scores, K x B x 10, of inputs K x B x 1 x 28 x 28 with the dropout masks of
-        ``draw_masks`` (one K x B x shape tensor per dropout layer)."""
-        return self._train(self.params, self.buffers, x, tuple(masks))
+        ``draw_masks`` (one K x B x shape tensor per dropout layer); differentiable in the
+        stacked parameters."""
+        if self.engine == "vmap":
+            return self._train(self.params, self.buffers, x, tuple(masks))
+        return torch.stack([self._train(*self._run(k), _nhwc(x[k]),
+                                        tuple(mask[k] for mask in masks))
+                            for k in range(self.size)])
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, masks: tuple[torch.Tensor, ...],
+                         objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step's forward and backward: each model's loss ``objective(scores,
+        labels)`` on its batch (x: K x B x 1 x 28 x 28, y: K x B), and each parameter's
+        ``.grad`` set to every model's gradient of its own loss (replacing any there; None
+        for a parameter no model uses). Returns the K losses and the K x B x 10 scores,
+        detached. The loop engine holds one model's activations at a time."""
+        if self.engine == "vmap":
+            logits = self.logits(x, masks)
+            losses = torch.func.vmap(objective)(_at_least_fp32(logits), y)
+            losses.sum().backward()  # each run's gradient is its own loss's
+            return losses.detach(), logits.detach()
+        names = list(self.params)
+        grads: dict[str, torch.Tensor | None] = {name: None for name in names}
+        losses, scores = [], []
+        for k in range(self.size):
+            params, buffers = self._run(k)
+            logits = self._train(params, buffers, _nhwc(x[k]), tuple(m[k] for m in masks))
+            loss = objective(_at_least_fp32(logits), y[k])
+            for name, grad in zip(names, torch.autograd.grad(
+                    loss, [params[n] for n in names], allow_unused=True)):
+                if grad is not None:
+                    if grads[name] is None:
+                        grads[name] = torch.zeros_like(self.params[name])
+                    grads[name][k].copy_(grad)
+            losses.append(loss.detach())
+            scores.append(logits.detach())
+        for name, t in self.params.items():
+            t.grad = grads[name]
+        return torch.stack(losses), torch.stack(scores)
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode scores, K x B x 10, of the same inputs B x 1 x 28 x 28 for every model."""
-        return self._eval(self.params, self.buffers, x)
+        if self.engine == "vmap":
+            return self._eval(self.params, self.buffers, x)
+        x = _nhwc(x)
+        return torch.stack([self._eval(*self._run(k), x) for k in range(self.size)])
 
     def weight_grad_norms(self) -> torch.Tensor:
         """K x layers: the norm of each model's weight gradient, layer by layer."""
@@ -128,3 +176,31 @@ class Pack:
         net.load_state_dict({name.removeprefix("net."): p[k].detach().clone()
                              for name, p in {**self.params, **self.buffers}.items()}, assign=True)
         return net
+
+
+def resolve_engine(engine: str, cpu: bool, size: int) -> str:
+    """The engine a pack of ``size`` models trains with: ``engine`` (one of ENGINES), ``auto``
+    being loop on a CPU and vmap elsewhere; one model is always a loop of one."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
+    if size == 1 or engine == "loop" or (engine == "auto" and cpu):
+        return "loop"
+    return "vmap"
+
+
+def _channels_last_slices(t: torch.Tensor) -> torch.Tensor:
+    """A leaf copy of stacked conv weights K x O x I x H x W whose every slice [k] is laid out
+    channels-last. (empty + permute, since contiguous() keeps the strides of a one-channel
+    kernel, which count as both layouts, and then convs pick NCHW.)"""
+    k, o, i, h, w = t.shape
+    out = torch.empty(k, o, h, w, i, dtype=t.dtype, device=t.device).permute(0, 1, 4, 2, 3)
+    return out.copy_(t.detach()).requires_grad_(t.requires_grad)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Scores for the loss: bf16 ones (autocast) in fp32, fp32 and fp64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))

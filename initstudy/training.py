@@ -18,11 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import PACK_FIELDS, PER_RUN, RunConfig
 from .data import Dataset, batches, normalise, random_batch
 from .diagnostics import DIAG_SEED, init_diagnostics, snapshot, weight_dynamics
-from .environment import (HEAP_KEEP, environment, hold_freed_memory, numerics, on_device,
-                          resolve_device)
+from .environment import (HEAP_KEEP, environment, hold_freed_memory, native_bf16, numerics,
+                          on_device, resolve_device)
 from .errors import ConfigError, InitStudyError, RunFailed, WriteError
 from .model import INPUT_SHAPE, build_model, check_model, init_layers
-from .pack import Pack
+from .pack import Pack, resolve_engine
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset, say_stderr
@@ -175,12 +175,17 @@ def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, mod
     if first.train_subset:
         dataset = dataset.subset_train(first.train_subset, first.subset_seed)
     say(describe(dataset))
+    if first.precision == "bf16" and not native_bf16(device):
+        say(f"warning: {device} has no bf16 arithmetic of its own (environment.native_bf16): "
+            f"bf16 is emulated there, and slower than fp32")
     held = device.type == "cpu" and hold_freed_memory()
     env = on_device(device, "reading the device's properties", lambda: environment(device)) | {
         "data_source": dataset.source, "data_official": dataset.official,
         "data_sha256": dataset.sha256 or None, "train_images": len(dataset.train_labels),
         "val_images": len(dataset.val_labels), "test_images": len(dataset.test_labels),
-        "pack_size": len(configs), "malloc_keep": HEAP_KEEP if held else None}
+        "pack_size": len(configs),
+        "pack_engine": resolve_engine(first.engine, device.type == "cpu", len(configs)),
+        "malloc_keep": HEAP_KEEP if held else None}
 
     runs = []
     for config, scheme, folder in zip(configs, schemes, folders):
@@ -265,7 +270,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device,
     started = time.perf_counter()
     first = runs[0].config
     k_runs, n = len(runs), len(data.train_labels)
-    pack = Pack(models, compile=first.compile)
+    pack = Pack(models, compile=first.compile, engine=first.engine)
     layers = [name for name, _ in init_layers(models[0])]
     for run in runs:
         seed = run.config.effective_data_seed
@@ -276,7 +281,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device,
                  else PerRunOptimizer(pack.parameters(), [
                      lambda params, c=r.config: OPTIMIZERS[c.optimizer](params, c)
                      for r in runs]))
-    objective = torch.func.vmap(OBJECTIVES[first.loss])
+    objective = OBJECTIVES[first.loss]
     _record_epoch(runs, pack, data, 0, 0, None)
     step, train_seconds, images = 0, 0.0, 0  # images: per run, counted on the host
     window = torch.zeros(k_runs, first.log_every, device=device)  # losses since last record
@@ -315,16 +320,14 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device,
                     k_runs, batch, *INPUT_SHAPE)
                 y = data.train_labels[idx]
                 masks = pack.draw_masks(batch, [r.dropout for r in runs], device)
-                logits = pack.logits(x, masks)
-                losses = objective(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                losses.sum().backward()  # each run's gradient is its own loss's
+                losses, logits = pack.forward_backward(x, y, masks, objective)
                 optimizer.step()
                 step += 1
                 images += batch
-                window[:, filled] = losses.detach()
+                window[:, filled] = losses
                 filled += 1
-                loss_sum += losses.detach() * batch
+                loss_sum += losses * batch
                 correct += (logits.argmax(-1) == y).sum(1)
                 if filled == first.log_every:
                     flush(filled)

@@ -73,10 +73,11 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def assert_packed_step_is_each_models_own(models, x, y, masks) -> None:
-    """One step of a pack gives each model the loss and gradients it gets alone (packed: one
-    grouped computation; alone: channels-last), equal to rounding. In float64, on copies: in
-    float32 a last-bit difference can flip a max-pool's arg-max at a near tie, which routes a
-    whole gradient term elsewhere (seen: 2.4% of a layer's largest gradient, 1 draw in 10)."""
+    """One step of a pack, in either engine, gives each model the loss and gradients it gets
+    alone (loop: its own forward and backward on its slice; vmap: one grouped computation),
+    equal to rounding. In float64, on copies: in float32 a last-bit difference can flip a
+    max-pool's arg-max at a near tie, which routes a whole gradient term elsewhere (seen: 2.4%
+    of a layer's largest gradient, 1 draw in 10)."""
     import copy
 
     import torch
@@ -84,18 +85,20 @@ def assert_packed_step_is_each_models_own(models, x, y, masks) -> None:
 
     models = [copy.deepcopy(m).double() for m in models]
     x, masks = x.double(), tuple(m.double() for m in masks)
+    ce = torch.nn.functional.cross_entropy
 
     def step(pack, xs, ys, ms):
-        logits = pack.logits(xs, ms)
-        losses = torch.stack([torch.nn.functional.cross_entropy(l, t)
-                              for l, t in zip(logits, ys)])
-        losses.sum().backward()
-        return losses.detach(), {n: p.grad for n, p in pack.params.items()}
+        losses, _ = pack.forward_backward(xs, ys, ms, ce)
+        return losses, {n: p.grad for n, p in pack.params.items()}
 
-    packed_losses, packed_grads = step(Pack(models), x, y, masks)
-    for k, model in enumerate(models):
-        loss, grads = step(Pack([model]), x[k:k + 1], y[k:k + 1],
-                           tuple(m[k:k + 1] for m in masks))
-        assert torch.allclose(packed_losses[k], loss[0], rtol=1e-10)
-        for name, grad in grads.items():
-            assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-8, atol=1e-12), name
+    for engine in ("loop", "vmap"):
+        packed = Pack(copy.deepcopy(models), engine=engine)
+        assert packed.engine == engine
+        packed_losses, packed_grads = step(packed, x, y, masks)
+        for k, model in enumerate(models):
+            loss, grads = step(Pack([copy.deepcopy(model)]), x[k:k + 1], y[k:k + 1],
+                               tuple(m[k:k + 1] for m in masks))
+            assert torch.allclose(packed_losses[k], loss[0], rtol=1e-10), engine
+            for name, grad in grads.items():
+                assert torch.allclose(packed_grads[name][k], grad[0], rtol=1e-8,
+                                      atol=1e-12), (engine, name)

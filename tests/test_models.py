@@ -1,6 +1,7 @@
 """The model seam: built-in plain nets, a user's own class, the errors, and every piece of the
 trainer (pack, dropout, run ids, CLI) on models other than the LeNet."""
 
+import copy
 import json
 import subprocess
 import textwrap
@@ -181,11 +182,22 @@ def test_dropout_shapes_probe_the_model_on_its_own_device(user_models):
     assert [shape for _, _, shape in dropout_shapes(tiny)] == [(16,)]
 
 
-def test_packing_says_why_not_for_batch_norm(user_models):
-    models = [build_model("my_models:Normed") for _ in range(2)]
-    with pytest.raises(ConfigError, match="batch norm cannot be trained as a pack"):
-        Pack(models)
+def test_a_vmap_pack_says_why_not_for_batch_norm_and_a_loop_pack_trains_it(user_models):
+    models = [apply_scheme(build_model("my_models:Normed"), "kaiming", seed=k) for k in range(2)]
+    with pytest.raises(ConfigError, match="batch norm cannot be trained as a vmap pack.*"
+                       "--engine loop"):
+        Pack(models, engine="vmap")
     assert Pack(models[:1]).eval_logits(torch.randn(4, 1, 28, 28)).shape == (1, 4, 10)
+    # Looped, each model updates its own running statistics, as it does alone.
+    x, y = torch.randn(2, 8, 1, 28, 28), torch.randint(0, 10, (2, 8))
+    pack = Pack([copy.deepcopy(m) for m in models], engine="loop")
+    pack.forward_backward(x, y, (), nn.functional.cross_entropy)
+    for k, model in enumerate(models):
+        nn.functional.cross_entropy(model(x[k]), y[k]).backward()
+        assert torch.allclose(pack.buffers["net.bn.running_mean"][k], model.bn.running_mean)
+        assert int(pack.buffers["net.bn.num_batches_tracked"][k]) == 1
+        assert torch.allclose(pack.params["net.fc.weight"].grad[k], model.fc.weight.grad,
+                              atol=1e-6)
 
 
 def test_model_counts_in_the_run_id_but_lenet_runs_keep_theirs():

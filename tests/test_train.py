@@ -37,8 +37,9 @@ def test_run_folder_contents(tiny_data, tmp_path):
                                       "bias": "zeros"}
     for key in ("torch", "torchvision", "python", "git_commit", "hostname", "device_name",
                 "compute_capability", "cudnn", "cudnn_benchmark", "cudnn_deterministic",
-                "deterministic_algorithms"):
+                "deterministic_algorithms", "cpu_capability", "native_bf16", "pack_engine"):
         assert key in saved["env"]
+    assert saved["env"]["pack_engine"] == "loop"
     assert saved["env"]["cudnn_benchmark"] is False and saved["env"]["compute_capability"] is None
     assert RunConfig.from_dict(saved).run_name == "kaiming-s0"
 
