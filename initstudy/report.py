@@ -206,7 +206,7 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
     options = ", ".join(comparison.tuned)
     head = (f"Comparison {index}: {'' if model == DEFAULT_MODEL else model + ', '}"
             f"{key['dataset_used']}, {key['epochs']} epoch{'s' if key['epochs'] != 1 else ''}, "
-            f"{key['optimizer']} " + (
+            f"{key.get('precision') or 'fp32'}, {key['optimizer']} " + (
                 f"at each scheme's {options} chosen by its tuning study" if comparison.confirmed
                 else f"at each scheme's best {options} (chosen on validation)" if comparison.tuned
                 else f"lr {key['lr']}"))

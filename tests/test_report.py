@@ -335,6 +335,23 @@ def test_bias_panels_show_trained_biases_and_constant_ones(monkeypatch, tmp_path
 
 
 @pytest.mark.slow
+def test_runs_of_two_precisions_are_two_comparisons_each_named_by_its_precision(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for precision, accs in (("fp32", [0.1, 0.8, 0.9]), ("bf16", [0.1, 0.7, 0.8])):
+            folder = fake_run(root / precision, "default", seed, accs)
+            config = json.loads((folder / "config.json").read_text()) | {"precision": precision}
+            (folder / "config.json").write_text(json.dumps(config))
+            folder.rename(root / f"{folder.name}-{precision}")
+    groups = comparisons(load_runs([root]))
+    assert sorted(g.key["precision"] for g in groups) == ["bf16", "fp32"]
+    assert all({r.config["precision"] for r in g.runs} == {g.key["precision"]} for g in groups)
+    make_report([root], tmp_path / "r")
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert readme.count("## Comparison") == 2
+    assert "2 epochs, fp32, sgd" in readme and "2 epochs, bf16, sgd" in readme
+
+
 def test_a_comparison_that_mixes_device_types_says_so(tmp_path):
     root = tmp_path / "runs"
     for seed in range(2):
