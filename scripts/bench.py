@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Training throughput of the document's LeNet: the usual loop against initstudy's trainer,
-packed runs, and the device's own matrix-product ceiling. Plain PyTorch timing, one process,
-the same model, data and device for every measurement; each is the median of --repeats after
-a warm-up.
+"""Training throughput of the document's LeNet: the usual loop against initstudy's trainer, one
+run and packs of runs in each engine, in each precision, each beside the device's own
+matrix-product ceiling. Plain PyTorch timing, one process, the same model, data and device for
+every measurement; each is the median of --repeats after a warm-up.
 
-    python scripts/bench.py                      # a table
+    python scripts/bench.py                      # a table per precision
     python scripts/bench.py --json bench.json    # and the numbers as JSON
+    python scripts/bench.py --pack 2,4,8 --engines loop,vmap --precision fp32,bf16
     python scripts/bench.py --study              # on a GPU: also the MNIST study, as one pack
-    python scripts/bench.py --pack 1,5,25 --precision tf32   # which pack size trains fastest
 
 baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTensor and
             Normalize, DataLoader(batch_size=64, shuffle=True), NCHW fp32, loss.item() every step
-initstudy = the trainer of `initstudy run`, at its defaults
-packed    = --pack runs trained together by the same trainer (per-run images/s), for each
-            pack size given; the best is the one with the most images/s for all its runs
-ceiling   = fp32 matrix product GFLOP/s, the faster of torch.matmul and (on a CPU) oneDNN
+one run   = the trainer of `initstudy run`, at its defaults, in the precision of its table
+loop xK,  = K runs trained together by the same trainer in that engine (pack.Pack): images/s
+vmap xK     per run and for all K; "x in turn" is the pack's share of the ceiling over one
+            run's, i.e. against the same K runs trained one after another
+ceiling   = the precision's matrix-product GFLOP/s (fp32, TF32 on CUDA for tf32, bf16), the
+            faster of torch.matmul and (on a CPU) oneDNN, measured just before and after each
+            repeat: a share is each repeat's GFLOP/s over the mean of its two, so a CPU whose
+            clock or neighbours change during the bench still gets a fair share
+best pack = the row whose runs together reach the largest share of the ceiling
 """
 
 from __future__ import annotations
@@ -23,19 +28,21 @@ import argparse
 import importlib.util
 import json
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from initstudy import LeNet, RunConfig, apply_scheme
-from initstudy.config import PRECISIONS
-from initstudy.environment import resolve_device
+from initstudy.config import ENGINES, PRECISIONS
+from initstudy.environment import native_bf16, resolve_device
 from initstudy.data import STATS
 from initstudy.sources import load_dataset
 from initstudy.errors import InitStudyError
@@ -56,33 +63,73 @@ def flops_per_image(device: torch.device) -> float:
     return counter.get_total_flops() / 64
 
 
-def ceiling_gflops(device: torch.device, repeats: int) -> dict[str, float]:
-    """Median GFLOP/s of a large fp32 matrix product, by each library that multiplies matrices
-    on this device: torch.matmul (cuBLAS; MKL on a CPU) and, on a CPU, oneDNN, which runs a
-    1x1 convolution of channels-last data as one. On AMD CPUs MKL takes its AVX2 code and
-    oneDNN AVX-512, so the device's ceiling is the faster of the two."""
-    n = 4096 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+CEILING_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+
+
+def ceiling(device: torch.device, precision: str) -> Callable[[], dict[str, float]]:
+    """A function measuring, in a fraction of a second, the GFLOP/s of a large matrix product
+    in ``precision`` by each library that multiplies matrices on this device: torch.matmul
+    (cuBLAS; MKL on a CPU) and, on a CPU, oneDNN, which runs a 1x1 convolution of
+    channels-last data as one. (On AMD CPUs with AVX-512, MKL takes its AVX2 code and oneDNN
+    AVX-512, so the device's ceiling is the faster of the two.)"""
+    dtype, n = CEILING_DTYPES[precision], 256
+    # As large as the device multiplies in about 50 ms a product (up to 4096 on a GPU, 2048 on
+    # a CPU), so an emulated bf16 (0.3 GFLOP/s on an AVX2 CPU) is measured in seconds too.
+    while n < (4096 if device.type == "cuda" else 2048) and _seconds(2 * n, dtype, device) < 0.05:
+        n *= 2
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     products = {"matmul": lambda: a @ b}
     if device.type == "cpu":
         rows = a.view(1, n, n, 1).contiguous(memory_format=torch.channels_last)  # n positions
         cols = b.view(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
         products["onednn"] = lambda: F.conv2d(rows, cols)
     calls = 10 if device.type == "cuda" else 2
-    results = {}
-    for name, product in products.items():
-        times = []
-        for i in range(repeats + 1):
-            _sync(device)
-            start = time.perf_counter()
-            with numerics("fp32", device):  # no TF32 on CUDA, as the trainer's default
+
+    def measure() -> dict[str, float]:
+        results = {}
+        for name, product in products.items():
+            with numerics("tf32" if precision == "tf32" else "fp32", device):
+                product()  # warm
+                _sync(device)
+                start = time.perf_counter()
                 for _ in range(calls):
                     product()
-            _sync(device)
-            if i:  # the first is warm-up
-                times.append((time.perf_counter() - start) / calls)
-        results[name] = 2 * n ** 3 / statistics.median(times) / 1e9
-    return results
+                _sync(device)
+            results[name] = 2 * n ** 3 * calls / (time.perf_counter() - start) / 1e9
+        return results
+
+    return measure
+
+
+def _seconds(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds of one n x n matrix product, estimated from one of half the size (x 8)."""
+    a = torch.randn(n // 2, n // 2, device=device, dtype=dtype)
+    a @ a
+    _sync(device)
+    start = time.perf_counter()
+    a @ a
+    _sync(device)
+    return 8 * (time.perf_counter() - start)
+
+
+def beside_ceiling(measure: Callable[[], float], gflops_per_unit: float,
+                   ceiling_now: Callable[[], dict[str, float]], repeats: int) -> dict:
+    """``measure()`` (a rate) after a warm-up, ``repeats`` times, each between two ceiling
+    measurements: the median rate, the median share of the ceiling (each repeat's GFLOP/s,
+    ``rate * gflops_per_unit``, over the mean of the ceiling just before and after it), and
+    the ceilings seen, by library."""
+    measure()
+    rates, shares, ceilings = [], [], []
+    for _ in range(repeats):
+        before = ceiling_now()
+        rate = measure()
+        after = ceiling_now()
+        ceilings += [before, after]
+        shares.append(rate * gflops_per_unit / statistics.mean([max(before.values()),
+                                                                max(after.values())]))
+        rates.append(rate)
+    return {"images_per_second": statistics.median(rates),
+            "share_of_ceiling": statistics.median(shares), "ceilings": ceilings}
 
 
 def _sync(device: torch.device) -> None:
@@ -110,21 +157,21 @@ class ExampleDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i], mode="L")), self.labels[i]
 
 
-def baseline(data, device: torch.device, images: int, repeats: int) -> float:
-    """images/s of the PyTorch MNIST example's loop (median of repeats, after a warm-up)."""
+def baseline(data, device: torch.device, images: int) -> Callable[[], float]:
+    """A function timing one epoch of the PyTorch MNIST example's loop: its images/s."""
     loader = torch.utils.data.DataLoader(
         ExampleDataset(data.train_images[:images], data.train_labels[:images], data.name),
         batch_size=64, shuffle=True)
     model = apply_scheme(LeNet(), "default", seed=0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rates = []
-    for i in range(repeats + 1):
+
+    def epoch() -> float:
         start = time.perf_counter()
         with numerics("fp32", device):  # NCHW fp32: no TF32 on CUDA either
             seen = _example_epoch(loader, model, optimizer, device)
-        if i:
-            rates.append(seen / (time.perf_counter() - start))
-    return statistics.median(rates)
+        return seen / (time.perf_counter() - start)
+
+    return epoch
 
 
 def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int:
@@ -143,23 +190,25 @@ def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int
     return seen
 
 
-def trainer(dataset: str, data_dir: str | None, images: int, repeats: int, pack: int,
-            device: str, precision: str = "fp32") -> float:
-    """Per-run images/s of initstudy's trainer at its defaults (median of repeats of one
-    epoch each, after a warm-up), for ``pack`` runs trained together. No validation split:
-    ``images`` may be the whole training set, and only training steps are timed."""
-    rates = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(repeats + 1):
-            configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
-                                 epochs=1, val_size=0, train_subset=images, device=device,
-                                 precision=precision, quiet=True,
-                                 wandb="disabled", diag_batch=0, out=f"{tmp}/{i}-{k}")
-                       for k in range(pack)]
-            summaries = train_pack(configs)
-            if i:
-                rates.append(summaries[0]["images_per_second"])
-    return statistics.median(rates)
+def trainer(dataset: str, data_dir: str | None, images: int, pack: int, device: str,
+            precision: str, engine: str) -> Callable[[], float]:
+    """A function training ``pack`` runs together for one epoch of ``images`` at the
+    trainer's defaults in ``engine``: their per-run images/s (training steps only; no
+    validation split, so ``images`` may be the whole training set)."""
+    tmp = tempfile.mkdtemp(prefix="initstudy-bench-")
+    calls = iter(range(10 ** 9))
+
+    def epoch() -> float:
+        i = next(calls)
+        configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
+                             epochs=1, val_size=0, train_subset=images, device=device,
+                             precision=precision, engine=engine, quiet=True, wandb="disabled",
+                             diag_batch=0, out=f"{tmp}/{i}-{k}") for k in range(pack)]
+        rate = train_pack(configs)[0]["images_per_second"]
+        shutil.rmtree(tmp, ignore_errors=True)
+        return rate
+
+    return epoch
 
 
 def peak_rss_mb(dataset: str, data_dir: str | None, device: str, wandb: str) -> float:
@@ -207,8 +256,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pack", type=_sizes, default=[4], metavar="K[,K...]",
                         help="pack sizes to time (default 4)")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="of the trainer's rows (the baseline is fp32)")
+    parser.add_argument("--engines", type=_choices(ENGINES[1:]), default=list(ENGINES[1:]),
+                        metavar="E[,E...]", help="pack engines to time (default loop,vmap)")
+    parser.add_argument("--precision", type=_choices(PRECISIONS), default=["fp32"],
+                        metavar="P[,P...]", help="precisions of the trainer's tables (fp32, "
+                        "tf32 on CUDA, bf16; the baseline is fp32)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--data-dir", help="data root (as `initstudy run --data-dir`)")
     parser.add_argument("--study", type=Path, nargs="?", const=MNIST_STUDY, metavar="FILE",
@@ -217,74 +269,101 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    if "tf32" in args.precision and device.type != "cuda":
+        sys.exit("error: tf32 is a CUDA precision; on a CPU time fp32 or bf16")
     study_runs = len(load_study(args.study).runs) if args.study else 0  # a bad file fails now
     data = load_dataset(args.dataset, args.data_dir)
     flops = flops_per_image(device)
-    results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
-                                        if device.type == "cuda" else ""),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "dataset": data.name, "images_per_repeat": args.images,
-               "repeats": args.repeats, "precision": args.precision, "flops_per_image": flops}
+    results = {"device": device_name(device), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "dataset": data.name,
+               "images_per_repeat": args.images, "repeats": args.repeats,
+               "flops_per_image": flops}
+    fp32_ceiling = ceiling(device, "fp32")
     # The baseline first, while this process's malloc is as a researcher's script finds it:
     # the trainer changes it for good (hold_freed_memory), and is measured after.
-    results["baseline"] = {"images_per_second": baseline(data, device, args.images,
-                                                          args.repeats)}
-    results["initstudy"] = {"images_per_second": trainer(
-        args.dataset, args.data_dir, args.images, args.repeats, 1, str(device), args.precision)}
-    results["packed"] = [{"runs": k, "images_per_second": trainer(
-        args.dataset, args.data_dir, args.images, args.repeats, k, str(device), args.precision)}
-        for k in args.pack]
+    results["baseline"] = beside_ceiling(baseline(data, device, args.images), flops / 1e9,
+                                         fp32_ceiling, args.repeats)
+    results["precisions"] = {}
+    for precision in args.precision:
+        ceiling_now = ceiling(device, precision)
+        rows = [{"variant": "one run", "runs": 1, "engine": "loop"}] + [
+            {"variant": f"{engine} x{k}", "runs": k, "engine": engine}
+            for k in args.pack if k > 1 for engine in args.engines]
+        for row in rows:
+            row |= beside_ceiling(trainer(args.dataset, args.data_dir, args.images, row["runs"],
+                                          str(device), precision, row["engine"]),
+                                  row["runs"] * flops / 1e9, ceiling_now, args.repeats)
+            row["gflops"] = row["images_per_second"] * row["runs"] * flops / 1e9
+            row["vs_in_turn"] = row["share_of_ceiling"] / rows[0]["share_of_ceiling"]
+        seen = [c for row in rows for c in row.pop("ceilings")]
+        by_library = {name: statistics.median(c[name] for c in seen) for name in seen[0]}
+        results["precisions"][precision] = {
+            "rows": rows, "ceiling_by_library": by_library,
+            "ceiling_gflops": max(by_library.values()),
+            "emulated": precision == "bf16" and not native_bf16(device),
+            "best_pack": max(rows, key=lambda r: r["share_of_ceiling"])["variant"]}
+    results["baseline"].pop("ceilings")
     if device.type == "cpu":  # how much of the gain is the allocator's: the same loop again
-        results["baseline_malloc_held"] = {"images_per_second": baseline(
-            data, device, args.images, args.repeats)}
-    results["ceiling_by_library"] = ceiling_gflops(device, args.repeats)
-    results["ceiling_gflops"] = max(results["ceiling_by_library"].values())
-    for row in [results["initstudy"], *results["packed"]]:
-        rate, runs = row["images_per_second"], row.get("runs", 1)
-        row["vs_baseline"] = rate * runs / results["baseline"]["images_per_second"]
-        row["gflops"] = rate * runs * flops / 1e9
-    results["best_pack"] = max(results["packed"], key=lambda r: r["gflops"])["runs"]
-    results["initstudy_fraction_of_ceiling"] = (results["initstudy"]["gflops"]
-                                                / results["ceiling_gflops"])
+        results["baseline_malloc_held"] = beside_ceiling(
+            baseline(data, device, args.images), flops / 1e9, fp32_ceiling, args.repeats)
+        results["baseline_malloc_held"].pop("ceilings")
     # wandb offline, as a run's default; a machine without wandb measures without it
     results["peak_rss_wandb"] = "offline" if importlib.util.find_spec("wandb") else "disabled"
     results["peak_rss_mb"] = peak_rss_mb(args.dataset, args.data_dir, str(device),
                                          results["peak_rss_wandb"])
     if args.study:
         results["study"] = study(args.study, study_runs, args.data_dir, device)
-        r = results["study"]
+        r, first = results["study"], results["precisions"][args.precision[0]]
         r["fraction_of_ceiling"] = (r["images_per_second_per_run"] * r["runs"] * flops / 1e9
-                                    / results["ceiling_gflops"])
+                                    / first["ceiling_gflops"])
+    print_results(results, flops, args.precision[0] if args.study else None)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
+
+def print_results(results: dict, flops: float, study_precision: str | None) -> None:
     print(f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, "
-          f"{data.name}, {flops / 1e9:.3f} GFLOP per training image, trainer in "
-          f"{args.precision}")
-    print(f"{'':10} {'images/s':>10} {'x baseline':>11} {'GFLOP/s':>9}")
-    base = results["baseline"]["images_per_second"]
-    print(f"{'baseline':10} {base:10.0f} {1:11.2f} {base * flops / 1e9:9.1f}")
+          f"{results['dataset']}, {flops / 1e9:.3f} GFLOP per training image, "
+          f"{results['images_per_repeat']} images x {results['repeats']} repeats")
+    base = results["baseline"]
+    print(f"baseline (PyTorch's MNIST example, fp32): {base['images_per_second']:.0f} images/s, "
+          f"{100 * base['share_of_ceiling']:.0f}% of the fp32 ceiling")
     if "baseline_malloc_held" in results:
-        held = results["baseline_malloc_held"]["images_per_second"]
-        print(f"{'(baseline':10} {held:10.0f} {held / base:11.2f} {held * flops / 1e9:9.1f}   "
-              f"with initstudy's malloc setting, measured after it)")
-    for r in [results["initstudy"], *results["packed"]]:
-        label = f"packed x{r['runs']}" if "runs" in r else "initstudy"
-        best = "  <- best pack" if r.get("runs") == results["best_pack"] else ""
-        print(f"{label:10} {r['images_per_second']:10.0f} {r['vs_baseline']:11.2f} "
-              f"{r['gflops']:9.1f}   (per run; x baseline and GFLOP/s for all runs){best}")
-    by_library = ", ".join(f"{name} {gflops:.0f}"
-                           for name, gflops in results["ceiling_by_library"].items())
-    print(f"ceiling    {results['ceiling_gflops']:.1f} GFLOP/s (fp32 matrix product: "
-          f"{by_library}); initstudy reaches {100 * results['initstudy_fraction_of_ceiling']:.0f}%"
-          f" of it")
-    print(f"peak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB (wandb "
+        held = results["baseline_malloc_held"]
+        print(f"  the same loop after initstudy's malloc setting: "
+              f"{held['images_per_second']:.0f} images/s "
+              f"({held['images_per_second'] / base['images_per_second']:.2f}x)")
+    for precision, table in results["precisions"].items():
+        by_library = ", ".join(f"{name} {gflops:.1f}"
+                               for name, gflops in table["ceiling_by_library"].items())
+        emulated = " (emulated: no bf16 arithmetic on this device)" if table["emulated"] else ""
+        print(f"\n{precision}{emulated}: ceiling {table['ceiling_gflops']:.1f} GFLOP/s (median; "
+              f"{by_library})")
+        print(f"{'':10} {'images/s':>9} {'all runs':>9} {'GFLOP/s':>8} {'ceiling':>8} "
+              f"{'x in turn':>9} {'x baseline':>10}")
+        for r in table["rows"]:
+            best = "  <- best pack" if r["variant"] == table["best_pack"] else ""
+            total = r["images_per_second"] * r["runs"]
+            print(f"{r['variant']:10} {r['images_per_second']:9.0f} {total:9.0f} "
+                  f"{r['gflops']:8.1f} {100 * r['share_of_ceiling']:7.0f}% "
+                  f"{r['vs_in_turn']:9.2f} {total / base['images_per_second']:10.2f}{best}")
+    print(f"\npeak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB (wandb "
           f"{results['peak_rss_wandb']})")
-    if args.study:
+    if study_precision:
         r = results["study"]
         print(f"study {r['study']}: {r['runs']} runs as one pack in {r['seconds']:.0f} s, "
               f"{r['images_per_second_per_run']:.0f} images/s per run, "
-              f"{100 * r['fraction_of_ceiling']:.0f}% of the ceiling")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+              f"{100 * r['fraction_of_ceiling']:.0f}% of the {study_precision} ceiling")
+
+
+def device_name(device: torch.device) -> str:
+    """The device with its model: the GPU's name, or the CPU's (``lscpu``'s "Model name") and
+    the widest vector instructions PyTorch uses on it."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                  .splitlines() if line.startswith("model name")), "unknown CPU")
+    return f"cpu ({model}, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def _sizes(text: str) -> list[int]:
@@ -297,6 +376,18 @@ def _sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"pack sizes are positive integers, e.g. 1,5,25; "
                                          f"got {text!r}")
     return sizes
+
+
+def _choices(known: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A parser of ``a,b``: names from ``known``."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from "
+                                             f"{', '.join(known)}")
+        return names
+    return parse
 
 
 if __name__ == "__main__":
