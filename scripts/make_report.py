@@ -27,7 +27,11 @@ TITLES = {"mnist-sample-lenet": "A small-data sample at one learning rate, not a
                                     "TF32 on a GPU)",
           "mnist-lenet-confirm": "Confirmation on fresh seeds: each well-scaled init at the "
                                  "lr mnist-lenet-tuned chose on validation at 3 epochs, "
-                                 "trained 10 epochs (full MNIST, 5 schemes, fp32 on a CPU)"}
+                                 "trained 10 epochs (full MNIST, 5 schemes, fp32 on a CPU)",
+          "mnist-sample-precision": "fp32 against bf16: 3 inits at the lr mnist-lenet-tuned "
+                                    "chose, 3 fresh seeds, 3 epochs on mnist-sample, each "
+                                    "precision its own comparison (bf16 emulated on an AVX2 "
+                                    "CPU)"}
 
 
 def unfinished(runs: Path) -> str | None:
