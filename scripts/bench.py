@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,18 +194,14 @@ def trainer(dataset: str, data_dir: str | None, images: int, pack: int, device: 
     """A function training ``pack`` runs together for one epoch of ``images`` at the
     trainer's defaults in ``engine``: their per-run images/s (training steps only; no
     validation split, so ``images`` may be the whole training set)."""
-    tmp = tempfile.mkdtemp(prefix="initstudy-bench-")
-    calls = iter(range(10 ** 9))
-
     def epoch() -> float:
-        i = next(calls)
-        configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
-                             epochs=1, val_size=0, train_subset=images, device=device,
-                             precision=precision, engine=engine, quiet=True, wandb="disabled",
-                             diag_batch=0, out=f"{tmp}/{i}-{k}") for k in range(pack)]
-        rate = train_pack(configs)[0]["images_per_second"]
-        shutil.rmtree(tmp, ignore_errors=True)
-        return rate
+        with tempfile.TemporaryDirectory() as tmp:
+            configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
+                                 epochs=1, val_size=0, train_subset=images, device=device,
+                                 precision=precision, engine=engine, quiet=True,
+                                 wandb="disabled", diag_batch=0, out=f"{tmp}/{k}")
+                       for k in range(pack)]
+            return train_pack(configs)[0]["images_per_second"]
 
     return epoch
 
