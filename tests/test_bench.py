@@ -45,10 +45,12 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
             torch.device("cpu")))
         assert all(r["share_of_ceiling"] > 0 for r in rows)
         if not table["emulated"]:  # (an emulated bf16's convs can outrun its matmul)
-            # The trainer cannot run much faster than the machine's own matrix product, nor
-            # take forever: a broken ratio or unit shows up here, whatever the script computes.
-            assert all(r["share_of_ceiling"] < 1.5 for r in rows), precision
-            assert all(r["gflops"] < 1.5 * table["ceiling_gflops"] for r in rows)
+            # The trainer cannot run much faster than the machine's own matrix product: a
+            # ratio in percent or a unit off by 1e3 shows up here. The bound is loose since a
+            # study sharing these 2 cores can slow the 0.1 s ceiling products beside a repeat
+            # (a share above 1.5 seen so); the share's arithmetic has its own exact test below.
+            assert all(r["share_of_ceiling"] < 4 for r in rows), precision
+            assert all(r["gflops"] < 4 * table["ceiling_gflops"] for r in rows)
     # FLOPs counted by hand from the layer shapes: multiply-adds of each layer's forward pass
     # (conv1 on the 32x32 padded image -> 28x28, conv2 on 14x14 -> 10x10, conv3 on 5x5 -> 1x1,
     # then the two linears), 2 FLOPs each; backward twice the forward, but for the image's own
