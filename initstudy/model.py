@@ -70,7 +70,8 @@ class LeNet(nn.Module):
         looking inside (every ReLU sees its conv's full output). Training uses ``logits``."""
         return self.classifer[:-1](self.features(nn.ZeroPad2d((2, 2, 2, 2))(x)))
 
-    def logits(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, chunk: int | None = None,
+               first_conv_matmul: bool = False) -> torch.Tensor:
         """Everything but the final Softmax: the pre-softmax scores a stable loss needs.
 
         The document's layers, with each max-pool applied before the ReLU in front of it: a
@@ -78,21 +79,24 @@ class LeNet(nn.Module):
         same numbers (both pass through each window's arg-max, and are zero where its maximum
         is <= 0), while the ReLU touches a quarter of them.
 
-        ``chunk`` (on a CPU): the first conv, whose one input channel makes it a thin matrix
-        product (25 inputs per output position) that oneDNN's convolution runs far below the
-        CPU's speed, runs as that product (``_first_conv_as_matmul``), on this many images
-        at a time, so its 0.4 MB of output per image is pooled while still in cache. The same
-        values up to float rounding: the 25 products of each output are summed in another
-        order, and so is the first conv's weight gradient over the batch.
+        ``chunk`` (a CPU's path): the first conv runs on this many images at a time, so its
+        0.4 MB of output per image is pooled while still in cache; where ``first_conv_matmul``,
+        as the thin matrix product it is (25 inputs per output position,
+        ``_first_conv_as_matmul``), for CPUs whose oneDNN runs a one-channel convolution far
+        below their speed. The last conv, whose 5x5 input gives one output position, runs as
+        the product it is (``_last_conv_as_matmul``). The same values up to float rounding:
+        those products sum in another order, as do the weight gradients over the batch.
         """
         x = nn.ZeroPad2d((2, 2, 2, 2))(x)
         conv1, relu1, pool1, conv2, relu2, pool2, conv3, relu3 = self.features
         if chunk:
-            x = torch.cat([relu1(pool1(_first_conv_as_matmul(conv1, part)))
-                           for part in x.split(chunk)])
+            first = ((lambda part: _first_conv_as_matmul(conv1, part)) if first_conv_matmul
+                     else conv1)
+            x = torch.cat([relu1(pool1(first(part))) for part in x.split(chunk)])
         else:
             x = relu1(pool1(conv1(x)))
-        x = relu3(conv3(relu2(pool2(conv2(x)))))
+        x = relu2(pool2(conv2(x)))
+        x = relu3(_last_conv_as_matmul(conv3, x) if chunk else conv3(x))
         return self.classifer[:-1](x)
 
 
@@ -105,6 +109,15 @@ def _first_conv_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     patches = nn.functional.unfold(x, conv.kernel_size).transpose(1, 2)  # N x HW x 25
     y = torch.addmm(conv.bias, patches.reshape(-1, kh * kw), conv.weight.reshape(-1, kh * kw).t())
     return y.view(n, height, width, -1).permute(0, 3, 1, 2)
+
+
+def _last_conv_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for an unpadded convolution whose kernel covers all of x (one output
+    position): a Linear layer on x's values, N x C x 1 x 1. Input and weights are flattened
+    in channels-last order, which is a view of both where they are laid out so."""
+    flat = x.permute(0, 2, 3, 1).reshape(len(x), -1)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(len(conv.weight), -1)
+    return nn.functional.linear(flat, weight, conv.bias).view(len(x), -1, 1, 1)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -256,10 +269,13 @@ def reference_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.document_logits(x) if isinstance(model, LeNet) else model(x)
 
 
-def train_scores(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """The class scores training uses: the LeNet's fast path (``LeNet.logits``, its first
-    conv in chunks of ``chunk`` images), any other model's ``forward``."""
-    return model.logits(x, chunk) if isinstance(model, LeNet) else model(x)
+def train_scores(model: nn.Module, x: torch.Tensor, chunk: int | None = None,
+                 first_conv_matmul: bool = False) -> torch.Tensor:
+    """The class scores training uses: the LeNet's fast path (``LeNet.logits``, with a CPU's
+    path where ``chunk`` is given), any other model's ``forward``."""
+    if isinstance(model, LeNet):
+        return model.logits(x, chunk, first_conv_matmul)
+    return model(x)
 
 
 def init_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -14,6 +14,14 @@ CPU_CHUNK = 16  # images per chunk of the LeNet's first conv on a CPU (``LeNet.l
 # of output, pooled while it is in cache (the sizes tried: docs/performance.md). GPUs run it whole.
 
 
+def first_conv_as_matmul() -> bool:
+    """Whether this CPU runs the LeNet's one-channel first conv as a matrix product rather than
+    as oneDNN's convolution: everywhere but where PyTorch runs AVX-512 code, whose oneDNN
+    convolution is the faster (both measured: docs/performance.md). A fixed rule, not a
+    timing, so that one machine always computes a seed's run the same way."""
+    return torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
 class _MaskFeed(nn.Module):
     """Stands in for an nn.Dropout inside a pack: multiplies by the next of the masks the
     trainer drew for this forward pass, so each run's dropout comes from its own generator."""
@@ -30,13 +38,14 @@ class _Scores(nn.Module):
     """A module whose forward is ``train_scores`` of the model, for ``functional_call``; in
     training the model's nn.Dropout layers multiply by the masks given to forward."""
 
-    def __init__(self, net: nn.Module, chunk: int | None):
+    def __init__(self, net: nn.Module, cpu: bool):
         super().__init__()
-        self.net, self.chunk, self.feed = net, chunk, []
+        self.net, self.feed = net, []
+        self.chunk, self.matmul = (CPU_CHUNK, first_conv_as_matmul()) if cpu else (None, False)
 
     def forward(self, x: torch.Tensor, masks: tuple = ()) -> torch.Tensor:
         self.feed[:] = list(masks)
-        return train_scores(self.net, x, self.chunk)
+        return train_scores(self.net, x, self.chunk, self.matmul)
 
 
 class Pack:
@@ -55,7 +64,8 @@ class Pack:
       running statistic per model): ConfigError, naming the loop engine.
 
     ``auto`` is ``loop`` on a CPU, else ``vmap``. The models must all be on one device; on a
-    CPU the LeNet's first conv runs as a matrix product in chunks of CPU_CHUNK."""
+    CPU the LeNet takes its CPU path (``LeNet.logits``): its first conv in chunks of
+    CPU_CHUNK images, as a matrix product where ``first_conv_as_matmul()``."""
 
     def __init__(self, models: list[nn.Module], compile: bool = False, engine: str = "auto"):
         from torch.func import functional_call, stack_module_state, vmap
@@ -71,7 +81,7 @@ class Pack:
         dropouts = dropout_shapes(models[0])
         self.dropouts = [(p, shape) for _, p, shape in dropouts]
         self._weights = [f"net.{name}.weight" for name, _ in init_layers(models[0])]
-        wrapped = [_Scores(m, CPU_CHUNK if cpu else None) for m in models]
+        wrapped = [_Scores(m, cpu) for m in models]
         self.params, self.buffers = stack_module_state(wrapped)
         self._template = copy.deepcopy(models[0]).to("meta")
         train_base = copy.deepcopy(wrapped[0]).to("meta")

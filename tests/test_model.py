@@ -101,16 +101,18 @@ def test_pooling_before_relu_gives_bit_identical_values_and_gradients():
     assert (ours.features[0].bias.grad != 0).all()
 
 
-def test_the_cpu_path_gives_the_same_values_and_gradients():
-    """The first conv as a matrix product, in chunks (37 images: a short last chunk): the same
-    numbers as the convolution to rounding. In float64, where no near-tie of a max-pool can
-    flip its arg-max on a last-bit difference."""
+@pytest.mark.parametrize("first_conv_matmul", [True, False], ids=["matmul", "convolution"])
+def test_the_cpu_path_gives_the_same_values_and_gradients(first_conv_matmul):
+    """The CPU path: the first conv in chunks (37 images: a short last chunk), as a matrix
+    product or as the convolution, and the last conv as a matrix product: the same numbers as
+    the layers themselves to rounding. In float64, where no near-tie of a max-pool can flip
+    its arg-max on a last-bit difference."""
     torch.manual_seed(0)
     whole, chunked = LeNet().double().eval(), LeNet().double().eval()
     chunked.load_state_dict(whole.state_dict())
     x, y = torch.randn(37, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (37,))
     logits = whole.logits(x)
-    chunked_logits = chunked.logits(x, chunk=8)
+    chunked_logits = chunked.logits(x, chunk=8, first_conv_matmul=first_conv_matmul)
     assert torch.allclose(chunked_logits, logits, rtol=1e-12, atol=1e-12)
     nn.functional.cross_entropy(logits, y).backward()
     nn.functional.cross_entropy(chunked_logits, y).backward()

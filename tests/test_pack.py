@@ -9,7 +9,7 @@ import torch
 from initstudy import RunConfig, train
 from initstudy.errors import ConfigError
 from initstudy.model import LeNet
-from initstudy.pack import CPU_CHUNK, Pack
+from initstudy.pack import CPU_CHUNK, Pack, first_conv_as_matmul
 from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
 from initstudy.training import PerRunOptimizer, train_pack
@@ -145,9 +145,10 @@ def test_pack_forward_equals_each_model():
     masks = (torch.ones(2, 5, 84),)
     logits = pack.logits(x, masks)
     for k, model in enumerate(models):
-        # the pack's CPU path: the first conv as a matrix product, in chunks
-        assert torch.allclose(logits[k], model.eval().logits(x[k], CPU_CHUNK), atol=1e-5)
-        assert torch.allclose(pack.eval_logits(x[0])[k], model.logits(x[0], CPU_CHUNK),
+        # the pack's CPU path: the first conv in chunks, the last as a matrix product
+        cpu_path = CPU_CHUNK, first_conv_as_matmul()
+        assert torch.allclose(logits[k], model.eval().logits(x[k], *cpu_path), atol=1e-5)
+        assert torch.allclose(pack.eval_logits(x[0])[k], model.logits(x[0], *cpu_path),
                               atol=1e-5)
         for a, b in zip(pack.model(k).state_dict().values(), model.state_dict().values()):
             assert torch.equal(a, b)
@@ -173,3 +174,22 @@ def test_pack_evaluation_memory_is_bounded(monkeypatch):
         results = training.evaluate(pack, images, labels, "mnist")
         assert len(results) == k and all(0 <= acc <= 1 for _, acc in results)
         assert sizes[-1] * k <= training.EVAL_BATCH and sizes[-1] == training.EVAL_BATCH // k
+
+
+@pytest.mark.parametrize("isa, matmul", [("AVX512", False), ("AVX2", True), ("DEFAULT", True)])
+def test_the_first_conv_is_a_matrix_product_but_where_pytorch_runs_avx512(monkeypatch, isa,
+                                                                          matmul):
+    """The CPU path's rule is the vector ISA PyTorch runs (recorded as env.cpu_capability), so
+    one machine always computes a seed's run the same way; a pack's step follows it."""
+    import initstudy.model as model
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    assert first_conv_as_matmul() is matmul
+    products = []
+    as_matmul = model._first_conv_as_matmul
+    monkeypatch.setattr(model, "_first_conv_as_matmul",
+                        lambda conv, x: products.append(len(x)) or as_matmul(conv, x))
+    pack = Pack([LeNet()])
+    pack.forward_backward(torch.randn(1, 20, 1, 28, 28), torch.randint(0, 10, (1, 20)),
+                          (torch.ones(1, 20, 84),), torch.nn.functional.cross_entropy)
+    assert products == ([CPU_CHUNK, 20 - CPU_CHUNK] if matmul else [])
