@@ -71,11 +71,16 @@ def ceiling(device: torch.device, precision: str) -> Callable[[], dict[str, floa
     (cuBLAS; MKL on a CPU) and, on a CPU, oneDNN, which runs a 1x1 convolution of
     channels-last data as one. (On AMD CPUs with AVX-512, MKL takes its AVX2 code and oneDNN
     AVX-512, so the device's ceiling is the faster of the two.)"""
-    dtype, n = CEILING_DTYPES[precision], 256
-    # As large as the device multiplies in about 50 ms a product (up to 4096 on a GPU, 2048 on
-    # a CPU), so an emulated bf16 (0.3 GFLOP/s on an AVX2 CPU) is measured in seconds too.
-    while n < (4096 if device.type == "cuda" else 2048) and _seconds(2 * n, dtype, device) < 0.05:
-        n *= 2
+    dtype = CEILING_DTYPES[precision]
+    n = largest = 4096 if device.type == "cuda" else 2048
+    if precision == "bf16" and not native_bf16(device):
+        # An emulated bf16 (0.3 GFLOP/s on an AVX2 CPU): as large a product as it multiplies
+        # in about 50 ms, so it is measured in seconds too. Any other precision keeps one size,
+        # since a size chosen by timing shrinks when the machine is busy, and a small product
+        # runs far below the device's speed.
+        n = 256
+        while n < largest and _seconds(2 * n, dtype, device) < 0.05:
+            n *= 2
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     products = {"matmul": lambda: a @ b}
     if device.type == "cpu":
