@@ -65,6 +65,11 @@ def flops_per_image(device: torch.device) -> float:
 CEILING_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 
 
+def emulated(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` is bf16 on a device without bf16 arithmetic of its own."""
+    return precision == "bf16" and not native_bf16(device)
+
+
 def ceiling(device: torch.device, precision: str) -> Callable[[], dict[str, float]]:
     """A function measuring, in a fraction of a second, the GFLOP/s of a large matrix product
     in ``precision`` by each library that multiplies matrices on this device: torch.matmul
@@ -73,7 +78,7 @@ def ceiling(device: torch.device, precision: str) -> Callable[[], dict[str, floa
     AVX-512, so the device's ceiling is the faster of the two.)"""
     dtype = CEILING_DTYPES[precision]
     n = largest = 4096 if device.type == "cuda" else 2048
-    if precision == "bf16" and not native_bf16(device):
+    if emulated(precision, device):
         # An emulated bf16 (0.3 GFLOP/s on an AVX2 CPU): as large a product as it multiplies
         # in about 50 ms, so it is measured in seconds too. Any other precision keeps one size,
         # since a size chosen by timing shrinks when the machine is busy, and a small product
@@ -300,7 +305,7 @@ def main() -> None:
         results["precisions"][precision] = {
             "rows": rows, "ceiling_by_library": by_library,
             "ceiling_gflops": max(by_library.values()),
-            "emulated": precision == "bf16" and not native_bf16(device),
+            "emulated": emulated(precision, device),
             "best_pack": max(rows, key=lambda r: r["share_of_ceiling"])["variant"]}
     results["baseline"].pop("ceilings")
     if device.type == "cpu":  # how much of the gain is the allocator's: the same loop again
