@@ -69,10 +69,14 @@ def say_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def cache_root() -> Path:
+    """The project's cache folder: ``$XDG_CACHE_HOME/initstudy`` or ``~/.cache/initstudy``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "initstudy"
+
+
 def data_roots(data_dir: str | None) -> list[Path]:
     """Roots searched for datasets, in order."""
-    roots = [data_dir, os.environ.get("INITSTUDY_DATA"),
-             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "initstudy"]
+    roots = [data_dir, os.environ.get("INITSTUDY_DATA"), cache_root()]
     return [Path(r).expanduser() for r in roots if r]
 
 
