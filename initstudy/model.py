@@ -26,11 +26,15 @@ import torch
 import torch.nn as nn
 
 from .errors import ModelError
+from .kernels import first_block, pool_relu
 from .specs import (Param, choice, is_user_spec, literal_params, load_attr, parse_params,
                     positive_integer)
 
 INPUT_SHAPE = (1, 28, 28)  # channels, height, width: what every model takes
 CLASSES = 10
+CPU_PATHS = ("fused", "conv", "matmul")  # how a CPU runs the LeNet: ``LeNet.logits``
+CPU_CHUNK = 16  # images per chunk of the LeNet's first conv on the operator paths: 6.4 MB of
+# output, pooled while it is in cache (the sizes tried: docs/performance.md)
 
 
 class LeNet(nn.Module):
@@ -70,8 +74,8 @@ class LeNet(nn.Module):
         looking inside (every ReLU sees its conv's full output). Training uses ``logits``."""
         return self.classifer[:-1](self.features(nn.ZeroPad2d((2, 2, 2, 2))(x)))
 
-    def logits(self, x: torch.Tensor, chunk: int | None = None,
-               first_conv_matmul: bool = False) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, cpu_path: str | None = None,
+               chunk: int = CPU_CHUNK) -> torch.Tensor:
         """Everything but the final Softmax: the pre-softmax scores a stable loss needs.
 
         The document's layers, with each max-pool applied before the ReLU in front of it: a
@@ -79,24 +83,32 @@ class LeNet(nn.Module):
         same numbers (both pass through each window's arg-max, and are zero where its maximum
         is <= 0), while the ReLU touches a quarter of them.
 
-        ``chunk`` (a CPU's path): the first conv runs on this many images at a time, so its
-        0.4 MB of output per image is pooled while still in cache; where ``first_conv_matmul``,
-        as the thin matrix product it is (25 inputs per output position,
-        ``_first_conv_as_matmul``), for CPUs whose oneDNN runs a one-channel convolution far
-        below their speed. The last conv, whose 5x5 input gives one output position, runs as
-        the product it is (``_last_conv_as_matmul``). The same values up to float rounding:
-        those products sum in another order, as do the weight gradients over the batch.
+        ``cpu_path`` (one of CPU_PATHS; None on a GPU) is how a CPU runs the first block
+        (conv, pool, ReLU), whose 0.4 MB of conv output per image is what a CPU step waits
+        on: ``fused``, one kernel (``kernels.first_block``), and the second pool and ReLU as
+        another (``kernels.pool_relu``); ``conv``, oneDNN's convolution on
+        ``chunk`` images at a time, pooled while still in cache; ``matmul``, the same chunks
+        with the conv as the thin matrix product it is (``_first_conv_as_matmul``), for CPUs
+        whose oneDNN runs a one-channel convolution far below their speed. On every CPU path
+        the last conv, whose 5x5 input gives one output position, runs as the product it is
+        (``_last_conv_as_matmul``). The same values up to float rounding: those products sum
+        in another order, as do the weight gradients over the batch.
         """
         x = nn.ZeroPad2d((2, 2, 2, 2))(x)
         conv1, relu1, pool1, conv2, relu2, pool2, conv3, relu3 = self.features
-        if chunk:
-            first = ((lambda part: _first_conv_as_matmul(conv1, part)) if first_conv_matmul
+        if cpu_path == "fused":
+            x = pool_relu(conv2(first_block(conv1, x)))
+        elif cpu_path in ("conv", "matmul"):
+            first = ((lambda part: _first_conv_as_matmul(conv1, part)) if cpu_path == "matmul"
                      else conv1)
             x = torch.cat([relu1(pool1(first(part))) for part in x.split(chunk)])
-        else:
+        elif cpu_path is None:
             x = relu1(pool1(conv1(x)))
-        x = relu2(pool2(conv2(x)))
-        x = relu3(_last_conv_as_matmul(conv3, x) if chunk else conv3(x))
+        else:
+            raise ValueError(f"unknown CPU path '{cpu_path}'; known: {', '.join(CPU_PATHS)}")
+        if cpu_path != "fused":
+            x = relu2(pool2(conv2(x)))
+        x = relu3(_last_conv_as_matmul(conv3, x) if cpu_path else conv3(x))
         return self.classifer[:-1](x)
 
 
@@ -269,12 +281,11 @@ def reference_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.document_logits(x) if isinstance(model, LeNet) else model(x)
 
 
-def train_scores(model: nn.Module, x: torch.Tensor, chunk: int | None = None,
-                 first_conv_matmul: bool = False) -> torch.Tensor:
+def train_scores(model: nn.Module, x: torch.Tensor, cpu_path: str | None = None) -> torch.Tensor:
     """The class scores training uses: the LeNet's fast path (``LeNet.logits``, with a CPU's
-    path where ``chunk`` is given), any other model's ``forward``."""
+    path where ``cpu_path`` is given), any other model's ``forward``."""
     if isinstance(model, LeNet):
-        return model.logits(x, chunk, first_conv_matmul)
+        return model.logits(x, cpu_path)
     return model(x)
 
 

@@ -8,18 +8,19 @@ import torch.nn as nn
 
 from .config import ENGINES
 from .errors import ConfigError
+from . import kernels
 from .model import dropout_shapes, init_layers, train_scores
 
-CPU_CHUNK = 16  # images per chunk of the LeNet's first conv on a CPU (``LeNet.logits``): 6.4 MB
-# of output, pooled while it is in cache (the sizes tried: docs/performance.md). GPUs run it whole.
-
-
-def first_conv_as_matmul() -> bool:
-    """Whether this CPU runs the LeNet's one-channel first conv as a matrix product rather than
-    as oneDNN's convolution: everywhere but where PyTorch runs AVX-512 code, whose oneDNN
-    convolution is the faster (both measured: docs/performance.md). A fixed rule, not a
-    timing, so that one machine always computes a seed's run the same way."""
-    return torch.backends.cpu.get_cpu_capability() != "AVX512"
+def cpu_path(engine: str) -> str:
+    """How this CPU runs the LeNet (``LeNet.logits``, one of CPU_PATHS) in a pack of this
+    engine (``resolve_engine``'s): ``fused``, the LeNet's kernels, in the loop engine
+    wherever it builds (vmap cannot take it); else PyTorch's operators, ``conv`` where
+    PyTorch runs AVX-512 code, whose oneDNN convolution is the faster there, ``matmul``
+    elsewhere (all measured: docs/performance.md). A fixed rule, not a timing, so that one
+    machine always computes a seed's run the same way."""
+    if engine == "loop" and kernels.kernel() is not None:
+        return "fused"
+    return "conv" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "matmul"
 
 
 class _MaskFeed(nn.Module):
@@ -38,14 +39,13 @@ class _Scores(nn.Module):
     """A module whose forward is ``train_scores`` of the model, for ``functional_call``; in
     training the model's nn.Dropout layers multiply by the masks given to forward."""
 
-    def __init__(self, net: nn.Module, cpu: bool):
+    def __init__(self, net: nn.Module, cpu_path: str | None):
         super().__init__()
-        self.net, self.feed = net, []
-        self.chunk, self.matmul = (CPU_CHUNK, first_conv_as_matmul()) if cpu else (None, False)
+        self.net, self.feed, self.cpu_path = net, [], cpu_path
 
     def forward(self, x: torch.Tensor, masks: tuple = ()) -> torch.Tensor:
         self.feed[:] = list(masks)
-        return train_scores(self.net, x, self.chunk, self.matmul)
+        return train_scores(self.net, x, self.cpu_path)
 
 
 class Pack:
@@ -64,8 +64,7 @@ class Pack:
       running statistic per model): ConfigError, naming the loop engine.
 
     ``auto`` is ``loop`` on a CPU, else ``vmap``. The models must all be on one device; on a
-    CPU the LeNet takes its CPU path (``LeNet.logits``): its first conv in chunks of
-    CPU_CHUNK images, as a matrix product where ``first_conv_as_matmul()``."""
+    CPU the LeNet takes the path ``cpu_path(engine)`` names (``LeNet.logits``)."""
 
     def __init__(self, models: list[nn.Module], compile: bool = False, engine: str = "auto"):
         from torch.func import functional_call, stack_module_state, vmap
@@ -81,7 +80,8 @@ class Pack:
         dropouts = dropout_shapes(models[0])
         self.dropouts = [(p, shape) for _, p, shape in dropouts]
         self._weights = [f"net.{name}.weight" for name, _ in init_layers(models[0])]
-        wrapped = [_Scores(m, cpu) for m in models]
+        self.cpu_path = cpu_path(self.engine) if cpu else None
+        wrapped = [_Scores(m, self.cpu_path) for m in models]
         self.params, self.buffers = stack_module_state(wrapped)
         self._template = copy.deepcopy(models[0]).to("meta")
         train_base = copy.deepcopy(wrapped[0]).to("meta")

@@ -22,7 +22,8 @@ from .environment import (HEAP_KEEP, environment, hold_freed_memory, native_bf16
                           on_device, resolve_device)
 from .errors import ConfigError, InitStudyError, RunFailed, WriteError
 from .model import INPUT_SHAPE, build_model, check_model, init_layers
-from .pack import Pack, resolve_engine
+from .kernels import why_not
+from .pack import Pack, cpu_path, resolve_engine
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset, say_stderr
@@ -178,13 +179,18 @@ def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, mod
     if first.precision == "bf16" and not native_bf16(device):
         say(f"warning: {device} has no bf16 arithmetic of its own (environment.native_bf16): "
             f"bf16 is emulated there, and slower than fp32")
-    held = device.type == "cpu" and hold_freed_memory()
+    cpu = device.type == "cpu"
+    engine = resolve_engine(first.engine, cpu, len(configs))
+    if cpu and engine == "loop" and model.name == "lenet" and why_not():
+        say(f"note: the LeNet's CPU kernels are not available ({why_not()}): it runs on "
+            f"PyTorch's operators, slower (docs/performance.md)")
+    held = cpu and hold_freed_memory()
     env = on_device(device, "reading the device's properties", lambda: environment(device)) | {
         "data_source": dataset.source, "data_official": dataset.official,
         "data_sha256": dataset.sha256 or None, "train_images": len(dataset.train_labels),
         "val_images": len(dataset.val_labels), "test_images": len(dataset.test_labels),
         "pack_size": len(configs),
-        "pack_engine": resolve_engine(first.engine, device.type == "cpu", len(configs)),
+        "pack_engine": engine, "cpu_path": cpu_path(engine) if cpu else None,
         "malloc_keep": HEAP_KEEP if held else None}
 
     runs = []

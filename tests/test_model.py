@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from initstudy import LeNet
+from initstudy import LeNet, kernels
+from initstudy.model import CPU_PATHS
 
 SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_b1b145f78847737f.txt"
 
@@ -101,24 +102,31 @@ def test_pooling_before_relu_gives_bit_identical_values_and_gradients():
     assert (ours.features[0].bias.grad != 0).all()
 
 
-@pytest.mark.parametrize("first_conv_matmul", [True, False], ids=["matmul", "convolution"])
-def test_the_cpu_path_gives_the_same_values_and_gradients(first_conv_matmul):
-    """The CPU path: the first conv in chunks (37 images: a short last chunk), as a matrix
-    product or as the convolution, and the last conv as a matrix product: the same numbers as
-    the layers themselves to rounding. In float64, where no near-tie of a max-pool can flip
-    its arg-max on a last-bit difference."""
+@pytest.mark.parametrize("cpu_path", CPU_PATHS)
+def test_the_cpu_paths_give_the_same_values_and_gradients(cpu_path):
+    """Each CPU path (the first block as one kernel, or in chunks of images, 37 here for a
+    short last chunk, as oneDNN's convolution or a matrix product; the last conv as a matrix
+    product): the same numbers as the layers themselves to rounding. In float64, where no
+    near-tie of a max-pool can flip its arg-max on a last-bit difference."""
+    if cpu_path == "fused" and kernels.kernel() is None:
+        pytest.skip(f"the LeNet's CPU kernels do not build here: {kernels.why_not()}")
     torch.manual_seed(0)
-    whole, chunked = LeNet().double().eval(), LeNet().double().eval()
-    chunked.load_state_dict(whole.state_dict())
+    whole, fast = LeNet().double().eval(), LeNet().double().eval()
+    fast.load_state_dict(whole.state_dict())
     x, y = torch.randn(37, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (37,))
     logits = whole.logits(x)
-    chunked_logits = chunked.logits(x, chunk=8, first_conv_matmul=first_conv_matmul)
-    assert torch.allclose(chunked_logits, logits, rtol=1e-12, atol=1e-12)
+    fast_logits = fast.logits(x, cpu_path, chunk=8)
+    assert torch.allclose(fast_logits, logits, rtol=1e-12, atol=1e-12)
     nn.functional.cross_entropy(logits, y).backward()
-    nn.functional.cross_entropy(chunked_logits, y).backward()
-    for (name, a), b in zip(chunked.named_parameters(), whole.parameters()):
+    nn.functional.cross_entropy(fast_logits, y).backward()
+    for (name, a), b in zip(fast.named_parameters(), whole.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-14), name
-    assert chunked.features[0].weight.grad.abs().max() > 0
+    assert fast.features[0].weight.grad.abs().max() > 0
+
+
+def test_an_unknown_cpu_path_is_an_error_naming_the_known_ones():
+    with pytest.raises(ValueError, match="fused, conv, matmul"):
+        LeNet().logits(torch.randn(2, 1, 28, 28), "simd")
 
 
 def test_padding_is_in_forward_not_a_submodule():

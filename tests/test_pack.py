@@ -9,7 +9,9 @@ import torch
 from initstudy import RunConfig, train
 from initstudy.errors import ConfigError
 from initstudy.model import LeNet
-from initstudy.pack import CPU_CHUNK, Pack, first_conv_as_matmul
+from initstudy import kernels
+from initstudy.model import CPU_CHUNK
+from initstudy.pack import Pack, cpu_path
 from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
 from initstudy.training import PerRunOptimizer, train_pack
@@ -144,11 +146,10 @@ def test_pack_forward_equals_each_model():
     x = torch.randn(2, 5, 1, 28, 28)
     masks = (torch.ones(2, 5, 84),)
     logits = pack.logits(x, masks)
+    assert pack.cpu_path == cpu_path("loop")
     for k, model in enumerate(models):
-        # the pack's CPU path: the first conv in chunks, the last as a matrix product
-        cpu_path = CPU_CHUNK, first_conv_as_matmul()
-        assert torch.allclose(logits[k], model.eval().logits(x[k], *cpu_path), atol=1e-5)
-        assert torch.allclose(pack.eval_logits(x[0])[k], model.logits(x[0], *cpu_path),
+        assert torch.allclose(logits[k], model.eval().logits(x[k], pack.cpu_path), atol=1e-5)
+        assert torch.allclose(pack.eval_logits(x[0])[k], model.logits(x[0], pack.cpu_path),
                               atol=1e-5)
         for a, b in zip(pack.model(k).state_dict().values(), model.state_dict().values()):
             assert torch.equal(a, b)
@@ -176,20 +177,35 @@ def test_pack_evaluation_memory_is_bounded(monkeypatch):
         assert sizes[-1] * k <= training.EVAL_BATCH and sizes[-1] == training.EVAL_BATCH // k
 
 
-@pytest.mark.parametrize("isa, matmul", [("AVX512", False), ("AVX2", True), ("DEFAULT", True)])
-def test_the_first_conv_is_a_matrix_product_but_where_pytorch_runs_avx512(monkeypatch, isa,
-                                                                          matmul):
-    """The CPU path's rule is the vector ISA PyTorch runs (recorded as env.cpu_capability), so
-    one machine always computes a seed's run the same way; a pack's step follows it."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
+@pytest.mark.parametrize("isa", ["AVX512", "AVX2", "DEFAULT"])
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_the_cpu_path_is_the_kernel_in_the_loop_engine_else_by_the_vector_isa(
+        monkeypatch, engine, isa, kernel):
+    """The CPU path's rule: the first-block kernel wherever it builds, in the loop engine;
+    else oneDNN's convolution where PyTorch runs AVX-512 code (env.cpu_capability), the
+    matrix product elsewhere; so one machine always computes a seed's run the same way. A
+    pack's step follows it."""
     import initstudy.model as model
 
+    if kernel and kernels.kernel() is None:
+        pytest.skip(f"the LeNet's CPU kernels do not build here: {kernels.why_not()}")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
-    assert first_conv_as_matmul() is matmul
-    products = []
-    as_matmul = model._first_conv_as_matmul
-    monkeypatch.setattr(model, "_first_conv_as_matmul",
-                        lambda conv, x: products.append(len(x)) or as_matmul(conv, x))
-    pack = Pack([LeNet()])
-    pack.forward_backward(torch.randn(1, 20, 1, 28, 28), torch.randint(0, 10, (1, 20)),
-                          (torch.ones(1, 20, 84),), torch.nn.functional.cross_entropy)
-    assert products == ([CPU_CHUNK, 20 - CPU_CHUNK] if matmul else [])
+    monkeypatch.setattr(kernels, "kernel", kernels.kernel if kernel else lambda: None)
+    expected = ("fused" if kernel and engine == "loop" else
+                "conv" if isa == "AVX512" else "matmul")
+    assert cpu_path(engine) == expected
+    calls = []
+    for name in ("first_block", "_first_conv_as_matmul"):
+        real = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda conv, x, real=real, name=name:
+                            calls.append((name, len(x))) or real(conv, x))
+    pack = Pack([LeNet(), LeNet()], engine=engine)
+    assert pack.cpu_path == expected
+    pack.forward_backward(torch.randn(2, 20, 1, 28, 28), torch.randint(0, 10, (2, 20)),
+                          (torch.ones(2, 20, 84),), torch.nn.functional.cross_entropy)
+    runs = 2 if engine == "loop" else 1  # vmap: one call for both runs
+    assert calls == {"fused": [("first_block", 20)] * runs,
+                     "matmul": [("_first_conv_as_matmul", CPU_CHUNK),
+                                ("_first_conv_as_matmul", 20 - CPU_CHUNK)] * runs,
+                     "conv": []}[expected]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from initstudy import RunConfig, train
+from initstudy import kernels
 from initstudy.errors import ConfigError, RunFailed
+from initstudy.pack import cpu_path
 from initstudy.runfolder import HISTOGRAM_BINS
 from initstudy.runfolder import RunFolder, read_jsonl, write_json_atomic
 
@@ -40,6 +42,7 @@ def test_run_folder_contents(tiny_data, tmp_path):
                 "deterministic_algorithms", "cpu_capability", "native_bf16", "pack_engine"):
         assert key in saved["env"]
     assert saved["env"]["pack_engine"] == "loop"
+    assert saved["env"]["cpu_path"] == cpu_path("loop")
     assert saved["env"]["cudnn_benchmark"] is False and saved["env"]["compute_capability"] is None
     assert RunConfig.from_dict(saved).run_name == "kaiming-s0"
 
@@ -80,6 +83,20 @@ def test_run_folder_contents(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+
+def test_without_the_first_block_kernel_a_run_trains_on_the_operators_and_says_so(
+        tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    kernels._load.cache_clear()
+    try:
+        summary = train(tiny(tiny_data, tmp_path, epochs=1, quiet=False))
+    finally:
+        kernels._load.cache_clear()
+    assert summary["status"] == "ok"
+    assert "CPU kernels are not available (no C++ compiler" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["env"]["cpu_path"] in ("conv", "matmul")
+
 def test_same_config_same_metrics_bit_for_bit(tiny_data, tmp_path):
     a = train(tiny(tiny_data, tmp_path, out=str(tmp_path / "a")))
     b = train(tiny(tiny_data, tmp_path, out=str(tmp_path / "b")))
