@@ -148,7 +148,7 @@ class Pack:
             losses.sum().backward()  # each run's gradient is its own loss's
             return losses.detach(), logits.detach()
         names = list(self.params)
-        grads: dict[str, torch.Tensor | None] = {name: None for name in names}
+        grads: dict[str, list] = {name: [] for name in names}  # per run; None: not used
         losses, scores = [], []
         for k in range(self.size):
             params, buffers = self._run(k)
@@ -156,14 +156,11 @@ class Pack:
             loss = objective(_at_least_fp32(logits), y[k])
             for name, grad in zip(names, torch.autograd.grad(
                     loss, [params[n] for n in names], allow_unused=True)):
-                if grad is not None:
-                    if grads[name] is None:
-                        grads[name] = torch.zeros_like(self.params[name])
-                    grads[name][k].copy_(grad)
+                grads[name].append(grad)
             losses.append(loss.detach())
             scores.append(logits.detach())
         for name, t in self.params.items():
-            t.grad = grads[name]
+            t.grad = _stacked(grads[name], t)
         return torch.stack(losses), torch.stack(scores)
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +183,22 @@ class Pack:
         net.load_state_dict({name.removeprefix("net."): p[k].detach().clone()
                              for name, p in {**self.params, **self.buffers}.items()}, assign=True)
         return net
+
+
+def _stacked(grads: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor | None:
+    """The runs' gradients of one stacked parameter as one tensor laid out as ``like`` (zeros
+    for a run that does not use it), None where no run does; one run's is its own (no copy)."""
+    if all(g is None for g in grads):
+        return None
+    if len(grads) == 1:
+        return grads[0].unsqueeze(0)
+    stacked = torch.empty_like(like)
+    for slot, grad in zip(stacked, grads):
+        if grad is None:
+            slot.zero_()
+        else:
+            slot.copy_(grad)
+    return stacked
 
 
 def resolve_engine(engine: str, cpu: bool, size: int) -> str:
