@@ -31,7 +31,11 @@ TITLES = {"mnist-sample-lenet": "A small-data sample at one learning rate, not a
           "mnist-sample-precision": "fp32 against bf16: 3 inits at the lr mnist-lenet-tuned "
                                     "chose, 3 fresh seeds, 3 epochs on mnist-sample, each "
                                     "precision its own comparison (bf16 emulated on an AVX2 "
-                                    "CPU)"}
+                                    "CPU)",
+          "mnist-sample-precision-native": "fp32 against bf16 where bf16 is native: 3 inits at "
+                                           "the lr mnist-lenet-tuned chose, 3 fresh seeds, 3 "
+                                           "epochs on mnist-sample, each precision its own "
+                                           "comparison (an Intel Xeon with AMX)"}
 
 
 def unfinished(runs: Path) -> str | None:
