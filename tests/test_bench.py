@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from initstudy.environment import native_bf16
+from initstudy.pack import cpu_path
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
@@ -28,6 +29,7 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
     assert numbers["device"].startswith("cpu (") and numbers["dataset"] == "mnist"
+    assert numbers["cpu_path"] == {"loop": cpu_path("loop"), "vmap": cpu_path("vmap")}
     for name in ("baseline", "baseline_malloc_held"):
         assert numbers[name]["images_per_second"] > 0, name
     assert set(numbers["precisions"]) == {"fp32", "bf16"}
@@ -62,7 +64,7 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     assert numbers["study"]["runs"] == 4 and numbers["study"]["seconds"] > 0
     assert numbers["study"]["device"] == "cpu"  # on the device named, even on a GPU host
     assert numbers["study"]["images_per_second_per_run"] > 0
-    for line in ("fp32: ceiling", "bf16", "one run", "loop x2", "vmap x2",
+    for line in (f"the LeNet's CPU path: loop {cpu_path('loop')}, vmap", "fp32: ceiling", "bf16", "one run", "loop x2", "vmap x2",
                  "x in turn", "<- best pack", "peak RSS", "study "):
         assert line in result.stdout, line
 
