@@ -30,10 +30,12 @@ template <typename S> struct Vec;
 template <> struct Vec<float> {
   typedef float V __attribute__((vector_size(64)));
   typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int L = 16;
 };
 template <> struct Vec<double> {
   typedef double V __attribute__((vector_size(64)));
   typedef int64_t I __attribute__((vector_size(64)));
+  static constexpr int L = 8;
 };
 typedef uint16_t H16 __attribute__((vector_size(32)));
 typedef uint32_t U16 __attribute__((vector_size(64)));
@@ -57,18 +59,43 @@ template <typename V> inline void store(bf16* p, V v) {  // round to nearest eve
   std::memcpy(p, &h, sizeof(H16));
 }
 
+// A max-pool's step: candidate o (of four, row-major) replaces the best so far where it is
+// larger or NaN, so the first of equals stays, as in PyTorch.
+template <typename V, typename I> inline void pool_step(V& best, I& which, V v, int o) {
+  const I take = (v > best) | (v != v);
+  best = take ? v : best;
+  which = take ? I{} + o : which;
+}
+
+// Stores ReLU(best) (NaN passes) and each lane's code: the window that won, or NONE.
+template <typename T, typename V, typename I>
+inline void store_pooled(T* out, uint8_t* won, V best, I which) {
+  typedef uint8_t B __attribute__((vector_size(sizeof(V) / sizeof(best[0]))));
+  const V zero = {};
+  store(out, best <= zero ? zero : best);
+  const B code = __builtin_convertvector(best <= zero ? I{} + NONE : which, B);
+  std::memcpy(won, &code, sizeof(B));
+}
+
+// The codes of L lanes, widened to I's lanes.
+template <typename I> inline I codes(const uint8_t* won) {
+  typedef uint8_t B __attribute__((vector_size(sizeof(I) / sizeof(I{}[0]))));
+  B bytes;  // (gcc drops the vector type of B through a template call: no load<B>)
+  std::memcpy(&bytes, won, sizeof(B));
+  return __builtin_convertvector(bytes, I);
+}
+
 // One image: x is IN x IN, w is KK x C (tap-major), out and won are OUT x OUT x C.
 template <typename S, typename O>
 void forward_image(const S* __restrict x, const S* __restrict w, const S* __restrict b,
                    O* __restrict out, uint8_t* __restrict won) {
   typedef typename Vec<S>::V V;
   typedef typename Vec<S>::I I;
-  constexpr int L = sizeof(V) / sizeof(S);
-  typedef uint8_t B __attribute__((vector_size(L)));
+  constexpr int L = Vec<S>::L;
   for (int c = 0; c < C; c += L) {  // L channels at a time, their taps held in registers
     V tap[KK];
     for (int k = 0; k < KK; ++k) tap[k] = load<V>(w + k * C + c);
-    const V bias = load<V>(b + c), zero = {};
+    const V bias = load<V>(b + c);
     for (int py = 0; py < OUT; ++py)
       for (int px = 0; px < OUT; px += 2) {  // two outputs' four windows: eight independent sums
         const S* window = x + 2 * py * IN + 2 * px;
@@ -84,15 +111,9 @@ void forward_image(const S* __restrict x, const S* __restrict w, const S* __rest
         for (int p = 0; p < 2; ++p) {
           V best = acc[p][0];
           I which = {};
-          for (int o = 1; o < 4; ++o) {
-            const I take = (acc[p][o] > best) | (acc[p][o] != acc[p][o]);  // NaN wins, as in PyTorch
-            best = take ? acc[p][o] : best;
-            which = take ? I{} + o : which;
-          }
+          for (int o = 1; o < 4; ++o) pool_step(best, which, acc[p][o], o);
           const int at = (py * OUT + px + p) * C + c;
-          store(out + at, best <= zero ? zero : best);  // ReLU; NaN passes
-          const B code = __builtin_convertvector(best <= zero ? I{} + NONE : which, B);
-          std::memcpy(won + at, &code, sizeof(B));
+          store_pooled(out + at, won + at, best, which);
         }
       }
   }
@@ -116,8 +137,7 @@ void backward_images(const S* __restrict x, const G* __restrict grad, const uint
                      int n, S* __restrict gw, S* __restrict gb) {
   typedef typename Vec<S>::V V;
   typedef typename Vec<S>::I I;
-  constexpr int L = sizeof(V) / sizeof(S);
-  typedef uint8_t B __attribute__((vector_size(L)));
+  constexpr int L = Vec<S>::L;
   for (int c = 0; c < C; c += L) {  // L channels at a time, their tap gradients in registers
     V acc[KK] = {};
     V bias = {};
@@ -132,9 +152,7 @@ void backward_images(const S* __restrict x, const G* __restrict grad, const uint
             __builtin_prefetch(won + at + AHEAD * C + 64);
           }
           const V g = load_as<V>(grad + at);
-          B bytes;  // (gcc drops the vector type of B through a template call)
-          std::memcpy(&bytes, won + at, sizeof(B));
-          const I code = __builtin_convertvector(bytes, I);
+          const I code = codes<I>(won + at);
           bias += code != I{} + NONE ? g : V{};
           const S* window = x + i * IN * IN + 2 * py * IN + 2 * px;
           for (int o = 0; o < 4; ++o) {
@@ -152,57 +170,41 @@ void backward_images(const S* __restrict x, const G* __restrict grad, const uint
 
 // pool_relu: x is n x h x w x c (h, w even; c a multiple of 16), out and won are
 // n x h/2 x w/2 x c; the backward writes every value of gx (zero where no output came from).
-template <typename T>
-void pool_forward(const T* x, T* out, uint8_t* won, int n, int h, int w, int c, int threads) {
-  typedef typename Compute<T>::S S;
-  typedef typename Vec<S>::V V;
-  typedef typename Vec<S>::I I;
-  constexpr int L = sizeof(V) / sizeof(S);
-  typedef uint8_t B __attribute__((vector_size(L)));
+// each_window calls f(offset of the window's first value in x, offset of its output), for
+// every window and every L channels, images split among the threads.
+template <int L, typename F>
+void each_window(int n, int h, int w, int c, int threads, F f) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int i = 0; i < n; ++i)
     for (int y = 0; y < h / 2; ++y)
       for (int xx = 0; xx < w / 2; ++xx)
-        for (int ch = 0; ch < c; ch += L) {
-          const T* window = x + ((size_t(i) * h + 2 * y) * w + 2 * xx) * c + ch;
-          V best = load_as<V>(window);
-          I which = {};
-          for (int o = 1; o < 4; ++o) {
-            const V v = load_as<V>(window + ((o >> 1) * w + (o & 1)) * c);
-            const I take = (v > best) | (v != v);  // NaN wins, as in PyTorch
-            best = take ? v : best;
-            which = take ? I{} + o : which;
-          }
-          const size_t at = ((size_t(i) * (h / 2) + y) * (w / 2) + xx) * c + ch;
-          const V zero = {};
-          store(out + at, best <= zero ? zero : best);  // ReLU; NaN passes
-          const B code = __builtin_convertvector(best <= zero ? I{} + NONE : which, B);
-          std::memcpy(won + at, &code, sizeof(B));
-        }
+        for (int ch = 0; ch < c; ch += L)
+          f(((size_t(i) * h + 2 * y) * w + 2 * xx) * c + ch,
+            ((size_t(i) * (h / 2) + y) * (w / 2) + xx) * c + ch);
+}
+
+template <typename T>
+void pool_forward(const T* x, T* out, uint8_t* won, int n, int h, int w, int c, int threads) {
+  typedef Vec<typename Compute<T>::S> W;
+  each_window<W::L>(n, h, w, c, threads, [=](size_t from, size_t to) {
+    typename W::V best = load_as<typename W::V>(x + from);
+    typename W::I which = {};
+    for (int o = 1; o < 4; ++o)
+      pool_step(best, which, load_as<typename W::V>(x + from + ((o >> 1) * w + (o & 1)) * c), o);
+    store_pooled(out + to, won + to, best, which);
+  });
 }
 
 template <typename T>
 void pool_backward(const T* grad, const uint8_t* won, T* gx, int n, int h, int w, int c,
                    int threads) {
-  typedef typename Compute<T>::S S;
-  typedef typename Vec<S>::V V;
-  typedef typename Vec<S>::I I;
-  constexpr int L = sizeof(V) / sizeof(S);
-  typedef uint8_t B __attribute__((vector_size(L)));
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int i = 0; i < n; ++i)
-    for (int y = 0; y < h / 2; ++y)
-      for (int xx = 0; xx < w / 2; ++xx)
-        for (int ch = 0; ch < c; ch += L) {
-          const size_t at = ((size_t(i) * (h / 2) + y) * (w / 2) + xx) * c + ch;
-          const V g = load_as<V>(grad + at);
-          B bytes;
-          std::memcpy(&bytes, won + at, sizeof(B));
-          const I code = __builtin_convertvector(bytes, I);
-          T* window = gx + ((size_t(i) * h + 2 * y) * w + 2 * xx) * c + ch;
-          for (int o = 0; o < 4; ++o)
-            store(window + ((o >> 1) * w + (o & 1)) * c, code == o ? g : V{});
-        }
+  typedef Vec<typename Compute<T>::S> W;
+  each_window<W::L>(n, h, w, c, threads, [=](size_t to, size_t from) {
+    const typename W::V g = load_as<typename W::V>(grad + from);
+    const typename W::I code = codes<typename W::I>(won + from);
+    for (int o = 0; o < 4; ++o)
+      store(gx + to + ((o >> 1) * w + (o & 1)) * c, code == o ? g : typename W::V{});
+  });
 }
 
 template <typename S, typename O>
