@@ -109,10 +109,11 @@ def first_block(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     The same values as the operators up to float rounding (the taps are summed in another
     order), the same tie-breaking (the first of equal maxima takes the gradient); the same
     numbers for any number of threads. RuntimeError where the kernel is missing."""
-    if tuple(conv.weight.shape) != (CHANNELS, 1, KERNEL, KERNEL) or x.shape[1:] != (1, SIDE, SIDE):
-        raise ValueError(f"first_block takes a 1->{CHANNELS} {KERNEL}x{KERNEL} conv and N x 1 x "
-                         f"{SIDE} x {SIDE} inputs, not {tuple(conv.weight.shape)} and "
-                         f"{tuple(x.shape)}")
+    if (tuple(conv.weight.shape) != (CHANNELS, 1, KERNEL, KERNEL) or conv.bias is None
+            or x.shape[1:] != (1, SIDE, SIDE)):
+        raise ValueError(f"first_block takes a 1->{CHANNELS} {KERNEL}x{KERNEL} conv with a bias "
+                         f"and N x 1 x {SIDE} x {SIDE} inputs, not {tuple(conv.weight.shape)} "
+                         f"and {tuple(x.shape)}")
     bf16 = torch.is_autocast_enabled("cpu")
     if bf16 and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         raise ValueError("first_block runs under CPU autocast to bfloat16 only")
@@ -125,9 +126,9 @@ def first_block(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def pool_relu(x: torch.Tensor) -> torch.Tensor:
     """``relu(max_pool2d(x, 2))`` of x, N x C x H x W on the CPU (H and W even, C a multiple
-    of 16; float32, float64 or bfloat16), laid out channels-last like its result. The same
-    numbers as the operators (a max chooses, it does not round), the same tie-breaking; the
-    gradient reaches x. RuntimeError where the kernel is missing."""
+    of 16; float32, float64 or bfloat16; channels-last, or it is copied so), its result laid
+    out channels-last. The same numbers as the operators (a max chooses, it does not round),
+    the same tie-breaking; the gradient reaches x. RuntimeError where the kernel is missing."""
     n, c, h, w = x.shape
     if h % 2 or w % 2 or c % 16 or x.dtype not in C_TYPES or x.device.type != "cpu":
         raise ValueError(f"pool_relu takes N x C x H x W with H, W even and C a multiple of 16, "

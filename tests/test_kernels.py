@@ -121,6 +121,8 @@ def test_the_operators_pass_torch_librarys_checks():
 def test_other_shapes_and_dtypes_are_refused():
     with pytest.raises(ValueError, match="1->128 5x5 conv"):
         first_block(nn.Conv2d(1, 64, 5), images(2, torch.float32))
+    with pytest.raises(ValueError, match="with a bias"):
+        first_block(nn.Conv2d(1, 128, 5, bias=False), images(2, torch.float32))
     with pytest.raises(ValueError, match="float32 or float64"):
         first_block(nn.Conv2d(1, 128, 5).half(), images(2, torch.float32).half())
     with pytest.raises(ValueError, match="C a multiple of 16"):
