@@ -94,19 +94,19 @@ class LeNet(nn.Module):
         (``_last_conv_as_matmul``). The same values up to float rounding: those products sum
         in another order, as do the weight gradients over the batch.
         """
+        if cpu_path not in (None, *CPU_PATHS):
+            raise ValueError(f"unknown CPU path '{cpu_path}'; known: {', '.join(CPU_PATHS)}")
         x = nn.ZeroPad2d((2, 2, 2, 2))(x)
         conv1, relu1, pool1, conv2, relu2, pool2, conv3, relu3 = self.features
         if cpu_path == "fused":
             x = pool_relu(conv2(first_block(conv1, x)))
-        elif cpu_path in ("conv", "matmul"):
-            first = ((lambda part: _first_conv_as_matmul(conv1, part)) if cpu_path == "matmul"
-                     else conv1)
-            x = torch.cat([relu1(pool1(first(part))) for part in x.split(chunk)])
-        elif cpu_path is None:
-            x = relu1(pool1(conv1(x)))
         else:
-            raise ValueError(f"unknown CPU path '{cpu_path}'; known: {', '.join(CPU_PATHS)}")
-        if cpu_path != "fused":
+            if cpu_path is None:
+                x = relu1(pool1(conv1(x)))
+            else:
+                first = ((lambda part: _first_conv_as_matmul(conv1, part))
+                         if cpu_path == "matmul" else conv1)
+                x = torch.cat([relu1(pool1(first(part))) for part in x.split(chunk)])
             x = relu2(pool2(conv2(x)))
         x = relu3(_last_conv_as_matmul(conv3, x) if cpu_path else conv3(x))
         return self.classifer[:-1](x)

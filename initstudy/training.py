@@ -181,7 +181,8 @@ def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, mod
             f"bf16 is emulated there, and slower than fp32")
     cpu = device.type == "cpu"
     engine = resolve_engine(first.engine, cpu, len(configs))
-    if cpu and engine == "loop" and model.name == "lenet" and why_not():
+    lenet_path = cpu_path(engine) if cpu and model.name == "lenet" else None
+    if engine == "loop" and lenet_path and why_not():
         say(f"note: the LeNet's CPU kernels are not available ({why_not()}): it runs on "
             f"PyTorch's operators, slower (docs/performance.md)")
     held = cpu and hold_freed_memory()
@@ -190,7 +191,7 @@ def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, mod
         "data_sha256": dataset.sha256 or None, "train_images": len(dataset.train_labels),
         "val_images": len(dataset.val_labels), "test_images": len(dataset.test_labels),
         "pack_size": len(configs),
-        "pack_engine": engine, "cpu_path": cpu_path(engine) if cpu else None,
+        "pack_engine": engine, "cpu_path": lenet_path,
         "malloc_keep": HEAP_KEEP if held else None}
 
     runs = []

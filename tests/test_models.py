@@ -235,6 +235,7 @@ def test_cli_trains_inspects_and_lists_any_model(tiny_data, tmp_path, user_model
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "mlp:depth=4,width=32,act=tanh"
     assert config["model_params"] == {"depth": 4, "width": 32, "act": "tanh"}
+    assert config["env"]["cpu_path"] is None  # the LeNet's CPU paths are the LeNet's alone
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["model"] == config["model"]
     diag = json.loads((out / "init_diagnostics.json").read_text())
