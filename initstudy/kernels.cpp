@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -25,25 +26,26 @@ struct bf16 { uint16_t bits; };
 template <typename T> struct Compute { typedef T S; };  // what a stored T is computed in
 template <> struct Compute<bf16> { typedef float S; };
 
-// One 64-byte vector of S (16 floats or 8 doubles) and integer lanes of its width.
-template <typename S> struct Vec;
-template <> struct Vec<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int L = 16;
+// One vector of S as wide as the CPU's registers (64 bytes with AVX-512, else 32) and integer
+// lanes of its width. A wider vector than the registers would not hold the taps in them, and
+// gcc lowers its selects and conversions lane by lane: many times slower (AVX2).
+#ifdef __AVX512F__
+constexpr int BYTES = 64;
+#else
+constexpr int BYTES = 32;
+#endif
+template <typename S> struct Vec {
+  typedef S V __attribute__((vector_size(BYTES)));
+  typedef std::conditional_t<sizeof(S) == 4, int32_t, int64_t> I __attribute__((vector_size(BYTES)));
+  static constexpr int L = BYTES / sizeof(S);  // lanes: channels at a time
 };
-template <> struct Vec<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  static constexpr int L = 8;
-};
-typedef uint16_t H16 __attribute__((vector_size(32)));
-typedef uint32_t U16 __attribute__((vector_size(64)));
+typedef uint16_t H16 __attribute__((vector_size(BYTES / 2)));  // L bf16s, for L floats
+typedef uint32_t U16 __attribute__((vector_size(BYTES)));
 
 template <typename V, typename T> inline V load(const T* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V> inline V load_as(const float* p) { return load<V>(p); }
 template <typename V> inline V load_as(const double* p) { return load<V>(p); }
-template <typename V> inline V load_as(const bf16* p) {  // 16 bf16 widened to float: exact
+template <typename V> inline V load_as(const bf16* p) {  // L bf16s widened to float: exact
   const H16 h = load<H16>(p);
   const U16 u = __builtin_convertvector(h, U16) << 16;
   return load<V>(&u);
@@ -119,12 +121,14 @@ void forward_image(const S* __restrict x, const S* __restrict w, const S* __rest
   }
 }
 
-// Whether any of the bytes [p, p + size) equals v; size a multiple of 8.
-inline bool any_equal(const uint8_t* p, int size, uint8_t v) {
-  constexpr uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
-  for (int i = 0; i < size; i += 8) {
-    uint64_t word;
-    std::memcpy(&word, p + i, 8);
+// Whether any of the L bytes [p, p + L) equals v (L = 4, 8 or 16: lanes of a vector), a word
+// of them at a time.
+template <int L> inline bool any_equal(const uint8_t* p, uint8_t v) {
+  typedef std::conditional_t<L % 8 == 0, uint64_t, uint32_t> W;
+  constexpr W ones = W(0x0101010101010101ull), highs = W(0x8080808080808080ull);
+  for (int i = 0; i < L; i += int(sizeof(W))) {
+    W word;
+    std::memcpy(&word, p + i, sizeof(W));
     word ^= ones * v;
     if ((word - ones) & ~word & highs) return true;
   }
@@ -156,7 +160,7 @@ void backward_images(const S* __restrict x, const G* __restrict grad, const uint
           bias += code != I{} + NONE ? g : V{};
           const S* window = x + i * IN * IN + 2 * py * IN + 2 * px;
           for (int o = 0; o < 4; ++o) {
-            if (!any_equal(won + at, L, o)) continue;  // a background window: the first of four ties won
+            if (!any_equal<L>(won + at, o)) continue;  // a background window: the first of four ties won
             const V go = code == o ? g : V{};
             const S* from = window + (o >> 1) * IN + (o & 1);
 #pragma GCC unroll 25
@@ -239,6 +243,7 @@ void backward(const S* x, const G* grad, const uint8_t* won, int n, S* gw, S* gb
 extern "C" {
 // The sizes kernels.py checks against before calling.
 void first_block_sizes(int* c, int* k, int* in, int* out) { *c = C; *k = K; *in = IN; *out = OUT; }
+int vector_bytes() { return BYTES; }
 
 void forward_float(const float* x, const float* w, const float* b, float* out, uint8_t* won, int n, int t) { forward(x, w, b, out, won, n, t); }
 void forward_double(const double* x, const double* w, const double* b, double* out, uint8_t* won, int n, int t) { forward(x, w, b, out, won, n, t); }

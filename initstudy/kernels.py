@@ -88,6 +88,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+def vector_bits() -> int | None:
+    """The width of the kernels' vectors in bits: the CPU's registers (512 with AVX-512, else
+    256); None where the kernels are not there."""
+    return None if kernel() is None else 8 * kernel().vector_bytes()
+
+
 def _cpu_flags() -> str:
     """The CPU's feature flags (Linux), else what Python knows of the processor."""
     try:

@@ -45,6 +45,7 @@ from initstudy.environment import native_bf16, resolve_device
 from initstudy.data import STATS
 from initstudy.sources import load_dataset
 from initstudy.errors import InitStudyError
+from initstudy.kernels import vector_bits
 from initstudy.pack import cpu_path
 from initstudy.study import load_study
 from initstudy.environment import numerics
@@ -286,7 +287,8 @@ def main() -> None:
                "flops_per_image": flops,
                # how this CPU runs the LeNet in each engine (LeNet.logits; docs/performance.md)
                "cpu_path": ({engine: cpu_path(engine) for engine in ENGINES[1:]}
-                            if device.type == "cpu" else None)}
+                            if device.type == "cpu" else None),
+               "kernel_vector_bits": vector_bits() if device.type == "cpu" else None}
     fp32_ceiling = ceiling(device, "fp32")
     # The baseline first, while this process's malloc is as a researcher's script finds it:
     # the trainer changes it for good (hold_freed_memory), and is measured after.
@@ -336,7 +338,9 @@ def print_results(results: dict, flops: float, study_precision: str | None) -> N
           f"{results['images_per_repeat']} images x {results['repeats']} repeats")
     if results["cpu_path"]:
         print("the LeNet's CPU path: " + ", ".join(f"{engine} {path}" for engine, path
-                                                    in results["cpu_path"].items()))
+                                                    in results["cpu_path"].items())
+              + (f" (the kernels' vectors: {results['kernel_vector_bits']} bits)"
+                 if results["kernel_vector_bits"] else ""))
     base = results["baseline"]
     print(f"baseline (PyTorch's MNIST example, fp32): {base['images_per_second']:.0f} images/s, "
           f"{100 * base['share_of_ceiling']:.0f}% of the fp32 ceiling")

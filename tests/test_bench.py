@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from initstudy import kernels
 from initstudy.environment import native_bf16
 from initstudy.pack import cpu_path
 
@@ -30,6 +31,7 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     numbers = json.loads(out.read_text())
     assert numbers["device"].startswith("cpu (") and numbers["dataset"] == "mnist"
     assert numbers["cpu_path"] == {"loop": cpu_path("loop"), "vmap": cpu_path("vmap")}
+    assert numbers["kernel_vector_bits"] == kernels.vector_bits()
     for name in ("baseline", "baseline_malloc_held"):
         assert numbers[name]["images_per_second"] > 0, name
     assert set(numbers["precisions"]) == {"fp32", "bf16"}

@@ -1,6 +1,8 @@
 """The LeNet's CPU kernels: the operators' numbers, in every dtype they take, for any number of
 threads; and where they cannot be built, the operators, saying why."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn as nn
@@ -149,3 +151,11 @@ def test_the_build_is_cached_per_cpu_and_a_missing_compiler_is_a_reason(monkeypa
             first_block(nn.Conv2d(1, 128, 5), images(2, torch.float32))
     finally:
         kernels._load.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 registers")
+def test_the_vectors_are_as_wide_as_the_cpus_registers():
+    # 512-bit vectors on a CPU with 256-bit registers made the kernels several times slower
+    # than PyTorch's operators there (docs/performance.md): the width follows the CPU.
+    flags = kernels._cpu_flags().split()
+    assert kernels.vector_bits() == (512 if "avx512f" in flags else 256)
