@@ -26,9 +26,9 @@ struct bf16 { uint16_t bits; };
 template <typename T> struct Compute { typedef T S; };  // what a stored T is computed in
 template <> struct Compute<bf16> { typedef float S; };
 
-// One vector of S as wide as the CPU's registers (64 bytes with AVX-512, else 32) and integer
-// lanes of its width. A wider vector than the registers would not hold the taps in them, and
-// gcc lowers its selects and conversions lane by lane: many times slower (AVX2).
+// One vector of S as wide as an x86 CPU's registers (64 bytes with AVX-512, else AVX2's 32)
+// and integer lanes of its width. A vector wider than the registers does not keep the taps in
+// them, and gcc lowers its selects and conversions lane by lane: many times slower on AVX2.
 #ifdef __AVX512F__
 constexpr int BYTES = 64;
 #else

@@ -89,8 +89,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def vector_bits() -> int | None:
-    """The width of the kernels' vectors in bits: the CPU's registers (512 with AVX-512, else
-    256); None where the kernels are not there."""
+    """The width of the kernels' vectors in bits: 512 on a CPU with AVX-512, else 256 (AVX2's
+    registers); None where the kernels are not there."""
     return None if kernel() is None else 8 * kernel().vector_bytes()
 
 
