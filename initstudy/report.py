@@ -31,6 +31,15 @@ from .tuning import STABLE_WITHIN, describe_values
 from .wandbenv import check_wandb_online
 
 
+def _device(config: dict) -> str:
+    """Where a run computed, as far as its record says: the device type and name, and on a CPU
+    its vector unit and the LeNet's path (each computes in its own order: docs/records.md)."""
+    env = config.get("env") or {}
+    detail = [env.get("device_name")] + [env.get(key) for key in ("cpu_capability", "cpu_path")
+                                         if env.get(key)]
+    return f"{(config.get('device_used') or '?').split(':')[0]} ({', '.join(map(str, detail))})"
+
+
 def main_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     tuned = bool(analysis.comparison.tuned)
     split = "val" if analysis.split == "val" else "test"
@@ -218,9 +227,7 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
                 f"runs)." if best and not comparison.confirmed else "")
     split = "validation" if analysis.split == "val" else "test"
     sections = [Section("h2", head), Section("text", headline)]
-    devices = sorted({f"{(r.config.get('device_used') or '?').split(':')[0]} "
-                      f"({(r.config.get('env') or {}).get('device_name')})"
-                      for r in comparison.runs})
+    devices = sorted({_device(r.config) for r in comparison.runs})
     if len(devices) > 1:
         sections.append(Section("text", f"**Mixed devices:** this comparison's runs ran on "
                                 f"{', '.join(devices)}. Runs on different device types or "

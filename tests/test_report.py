@@ -367,6 +367,15 @@ def test_a_comparison_that_mixes_device_types_says_so(tmp_path):
     fake_run(tmp_path / "same", "default", 0, [0.1, 0.8, 0.9])
     make_report([tmp_path / "same"], tmp_path / "r2")
     assert "Mixed devices" not in (tmp_path / "r2" / "README.md").read_text()
+    # Two CPUs, or two ways of running the LeNet on one, round differently too.
+    for seed, (capability, path) in enumerate([("AVX512", "fused"), ("AVX2", "fused")]):
+        folder = fake_run(tmp_path / "cpus", "default", seed, [0.1, 0.8, 0.9])
+        config = json.loads((folder / "config.json").read_text())
+        config["env"] |= {"cpu_capability": capability, "cpu_path": path}
+        (folder / "config.json").write_text(json.dumps(config))
+    make_report([tmp_path / "cpus"], tmp_path / "r3")
+    assert ("ran on cpu (cpu, AVX2, fused), cpu (cpu, AVX512, fused)"
+            in (tmp_path / "r3" / "README.md").read_text())
 
 
 def test_runs_recorded_before_models_existed_compare_with_lenet_runs():
