@@ -230,8 +230,9 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
     devices = sorted({_device(r.config) for r in comparison.runs})
     if len(devices) > 1:
         sections.append(Section("text", f"**Mixed devices:** this comparison's runs ran on "
-                                f"{', '.join(devices)}. Runs on different device types or "
-                                f"models are not bit-identical (docs/records.md); "
+                                f"{', '.join(devices)}. Runs on different devices, CPU "
+                                f"vector units or CPU paths are not bit-identical "
+                                f"(docs/records.md); "
                                 f"their seeds differ by float rounding as well as by chance."))
     if analysis.split == "test":
         sections.append(Section("text", "These runs have no validation split (made before "
