@@ -9,7 +9,7 @@ import torch.nn as nn
 from .config import ENGINES
 from .errors import ConfigError
 from . import kernels
-from .model import dropout_shapes, init_layers, train_scores
+from .model import LeNet, dropout_shapes, init_layers, train_scores
 
 def cpu_path(engine: str) -> str:
     """How this CPU runs the LeNet (``LeNet.logits``, one of CPU_PATHS) in a pack of this
@@ -64,7 +64,8 @@ class Pack:
       running statistic per model): ConfigError, naming the loop engine.
 
     ``auto`` is ``loop`` on a CPU, else ``vmap``. The models must all be on one device; on a
-    CPU the LeNet takes the path ``cpu_path(engine)`` names (``LeNet.logits``)."""
+    CPU the LeNet takes the path ``cpu_path(engine)`` names (``LeNet.logits``), and
+    ``self.cpu_path`` is None for any other model."""
 
     def __init__(self, models: list[nn.Module], compile: bool = False, engine: str = "auto"):
         from torch.func import functional_call, stack_module_state, vmap
@@ -80,7 +81,8 @@ class Pack:
         dropouts = dropout_shapes(models[0])
         self.dropouts = [(p, shape) for _, p, shape in dropouts]
         self._weights = [f"net.{name}.weight" for name, _ in init_layers(models[0])]
-        self.cpu_path = cpu_path(self.engine) if cpu else None
+        # Only the LeNet has CPU paths; another model never asks for (and builds) the kernels.
+        self.cpu_path = cpu_path(self.engine) if cpu and isinstance(models[0], LeNet) else None
         wrapped = [_Scores(m, self.cpu_path) for m in models]
         self.params, self.buffers = stack_module_state(wrapped)
         self._template = copy.deepcopy(models[0]).to("meta")

@@ -209,3 +209,17 @@ def test_the_cpu_path_is_the_kernel_in_the_loop_engine_else_by_the_vector_isa(
                      "matmul": [("_first_conv_as_matmul", CPU_CHUNK),
                                 ("_first_conv_as_matmul", 20 - CPU_CHUNK)] * runs,
                      "conv": []}[expected]
+
+
+def test_only_the_lenet_takes_a_cpu_path_and_no_other_model_builds_the_kernels(monkeypatch):
+    from initstudy.model import build_model
+
+    def no_kernels():
+        raise AssertionError("a pack of MLPs asked for the LeNet's kernels")
+
+    monkeypatch.setattr(kernels, "kernel", no_kernels)
+    pack = Pack([build_model("mlp"), build_model("mlp")], engine="loop")
+    assert pack.cpu_path is None
+    losses, _ = pack.forward_backward(torch.randn(2, 4, 1, 28, 28), torch.randint(0, 10, (2, 4)),
+                                      (), torch.nn.functional.cross_entropy)
+    assert losses.shape == (2,) and torch.isfinite(losses).all()
