@@ -14,11 +14,14 @@ baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTen
 one run   = the trainer of `initstudy run`, at its defaults, in the precision of its table
 loop xK,  = K runs trained together by the same trainer in that engine (pack.Pack): images/s
 vmap xK     per run and for all K; "x in turn" is the pack's share of the ceiling over one
-            run's, i.e. against the same K runs trained one after another
+            run's in the same repeat (the median over repeats), i.e. against the same K runs
+            trained one after another
 ceiling   = the precision's matrix-product GFLOP/s (fp32, TF32 on CUDA for tf32, bf16), the
             faster of torch.matmul and (on a CPU) oneDNN, measured just before and after each
             repeat: a share is each repeat's GFLOP/s over the mean of its two, so a CPU whose
             clock or neighbours change during the bench still gets a fair share
+repeats   = a table's rows take turns: one run, each pack, one run again, ..., so that a pack
+            and the run it is held against are timed side by side
 best pack = the row whose runs together reach the largest share of the ceiling
 """
 
@@ -123,24 +126,34 @@ def _seconds(n: int, dtype: torch.dtype, device: torch.device) -> float:
     return 8 * (time.perf_counter() - start)
 
 
-def beside_ceiling(measure: Callable[[], float], gflops_per_unit: float,
-                   ceiling_now: Callable[[], dict[str, float]], repeats: int) -> dict:
-    """``measure()`` (a rate) after a warm-up, ``repeats`` times, each between two ceiling
-    measurements: the median rate, the median share of the ceiling (each repeat's GFLOP/s,
-    ``rate * gflops_per_unit``, over the mean of the ceiling just before and after it), and
-    the ceilings seen, by library."""
-    measure()
-    rates, shares, ceilings = [], [], []
+def beside_ceiling(measures: list[Callable[[], float]], gflops_per_unit: list[float],
+                   ceiling_now: Callable[[], dict[str, float]], repeats: int) -> list[dict]:
+    """Each of ``measures()`` (a rate) after a warm-up, ``repeats`` times, each time between two
+    ceiling measurements, the measures taking turns within a repeat so that runs compared
+    with each other are timed minutes apart at most, not a whole table apart. Per measure: the
+    median rate, the share of the ceiling of each repeat (its GFLOP/s, ``rate *
+    gflops_per_unit``, over the mean of the ceilings just before and after it) and their
+    median, and the ceilings seen, by library."""
+    for measure in measures:
+        measure()
+    rows = [{"rates": [], "shares": [], "ceilings": []} for _ in measures]
     for _ in range(repeats):
-        before = ceiling_now()
-        rate = measure()
-        after = ceiling_now()
-        ceilings += [before, after]
-        shares.append(rate * gflops_per_unit / statistics.mean([max(before.values()),
-                                                                max(after.values())]))
-        rates.append(rate)
-    return {"images_per_second": statistics.median(rates),
-            "share_of_ceiling": statistics.median(shares), "ceilings": ceilings}
+        for measure, gflops, row in zip(measures, gflops_per_unit, rows):
+            before = ceiling_now()
+            rate = measure()
+            after = ceiling_now()
+            row["ceilings"] += [before, after]
+            row["shares"].append(rate * gflops / statistics.mean([max(before.values()),
+                                                                  max(after.values())]))
+            row["rates"].append(rate)
+    return [{"images_per_second": statistics.median(row.pop("rates")),
+             "share_of_ceiling": statistics.median(row["shares"]), **row} for row in rows]
+
+
+def in_turn(shares: list[float], one_run: list[float]) -> float:
+    """A pack's share of the ceiling over one run's, repeat by repeat (the two timed in the same
+    repeat), then the median: K runs packed against the same K runs trained one after another."""
+    return statistics.median(s / o for s, o in zip(shares, one_run))
 
 
 def _sync(device: torch.device) -> None:
@@ -292,20 +305,22 @@ def main() -> None:
     fp32_ceiling = ceiling(device, "fp32")
     # The baseline first, while this process's malloc is as a researcher's script finds it:
     # the trainer changes it for good (hold_freed_memory), and is measured after.
-    results["baseline"] = beside_ceiling(baseline(data, device, args.images), flops / 1e9,
-                                         fp32_ceiling, args.repeats)
+    results["baseline"], = beside_ceiling([baseline(data, device, args.images)], [flops / 1e9],
+                                          fp32_ceiling, args.repeats)
     results["precisions"] = {}
     for precision in args.precision:
         ceiling_now = ceiling(device, precision)
         rows = [{"variant": "one run", "runs": 1, "engine": "loop"}] + [
             {"variant": f"{engine} x{k}", "runs": k, "engine": engine}
             for k in args.pack if k > 1 for engine in args.engines]
-        for row in rows:
-            row |= beside_ceiling(trainer(args.dataset, args.data_dir, args.images, row["runs"],
-                                          str(device), precision, row["engine"]),
-                                  row["runs"] * flops / 1e9, ceiling_now, args.repeats)
+        timed = beside_ceiling([trainer(args.dataset, args.data_dir, args.images, row["runs"],
+                                        str(device), precision, row["engine"]) for row in rows],
+                               [row["runs"] * flops / 1e9 for row in rows], ceiling_now,
+                               args.repeats)
+        for row, numbers in zip(rows, timed):
+            row |= numbers
             row["gflops"] = row["images_per_second"] * row["runs"] * flops / 1e9
-            row["vs_in_turn"] = row["share_of_ceiling"] / rows[0]["share_of_ceiling"]
+            row["vs_in_turn"] = in_turn(row["shares"], rows[0]["shares"])
         seen = [c for row in rows for c in row.pop("ceilings")]
         by_library = {name: statistics.median(c[name] for c in seen) for name in seen[0]}
         results["precisions"][precision] = {
@@ -315,8 +330,8 @@ def main() -> None:
             "best_pack": max(rows, key=lambda r: r["share_of_ceiling"])["variant"]}
     results["baseline"].pop("ceilings")
     if device.type == "cpu":  # how much of the gain is the allocator's: the same loop again
-        results["baseline_malloc_held"] = beside_ceiling(
-            baseline(data, device, args.images), flops / 1e9, fp32_ceiling, args.repeats)
+        results["baseline_malloc_held"], = beside_ceiling(
+            [baseline(data, device, args.images)], [flops / 1e9], fp32_ceiling, args.repeats)
         results["baseline_malloc_held"].pop("ceilings")
     # wandb offline, as a run's default; a machine without wandb measures without it
     results["peak_rss_wandb"] = "offline" if importlib.util.find_spec("wandb") else "disabled"

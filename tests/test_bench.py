@@ -71,15 +71,41 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
         assert line in result.stdout, line
 
 
-def test_a_share_of_the_ceiling_is_taken_beside_each_repeat():
-    """A CPU whose clock halves between repeats: each repeat is held to the ceiling measured
-    beside it, so the share stays what it is (0.8), where one ceiling for all would say 0.6."""
+def _bench():
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_share_of_the_ceiling_is_taken_beside_each_repeat():
+    """A CPU whose clock halves between repeats: each repeat is held to the ceiling measured
+    beside it, so the share stays what it is (0.8), where one ceiling for all would say 0.6."""
     ceilings = iter([{"a": 100.0, "b": 90.0}] * 2 + [{"a": 50.0, "b": 40.0}] * 2)
     rates = iter([0.0, 80.0, 40.0])  # a warm-up, then the repeats (GFLOP/s at 1 per image)
-    got = bench.beside_ceiling(lambda: next(rates), 1.0, lambda: next(ceilings), repeats=2)
+    got, = _bench().beside_ceiling([lambda: next(rates)], [1.0], lambda: next(ceilings),
+                                   repeats=2)
     assert got["share_of_ceiling"] == pytest.approx(0.8)
+    assert got["shares"] == pytest.approx([0.8, 0.8])
     assert got["images_per_second"] == pytest.approx(60.0)
     assert len(got["ceilings"]) == 4
+
+
+def test_a_pack_is_timed_beside_the_run_it_is_held_against():
+    """Rows take turns within a repeat (one run, the pack, one run, ...), and "x in turn" is
+    the median of each repeat's pack share over the one run's of the same repeat: 1.0 here,
+    where the ratio of the two medians (0.66 / 0.6) would say 1.1."""
+    bench, calls = _bench(), []
+
+    def timed(name: str, rates: list[float]):
+        feed = iter(rates)
+        return lambda: calls.append(name) or next(feed)
+
+    one = timed("one", [1.0, 80.0, 40.0, 60.0])  # a warm-up, then 3 repeats
+    pack = timed("pack", [1.0, 40.0, 18.0, 33.0])  # per run, 2 runs: 1.0, 0.9, 1.1 of one's
+    rows = bench.beside_ceiling([one, pack], [1.0, 2.0], lambda: {"a": 100.0}, repeats=3)
+    assert calls == ["one", "pack"] + ["one", "pack"] * 3
+    assert [r["shares"] for r in rows] == [pytest.approx([0.8, 0.4, 0.6]),
+                                           pytest.approx([0.8, 0.36, 0.66])]
+    assert bench.in_turn(rows[1]["shares"], rows[0]["shares"]) == pytest.approx(1.0)
+    assert bench.in_turn(rows[0]["shares"], rows[0]["shares"]) == 1
