@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         path = cache_root() / "kernels" / f"kernels-{key}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_partials(path)
             # Built beside its place and moved in whole: workers that build at once never
             # load half a file.
             partial = path.with_name(f".{path.name}.{os.getpid()}")
@@ -86,6 +88,19 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if [s.value for s in sizes] != [CHANNELS, KERNEL, SIDE, POOLED]:
         return None, f"{path.name} was built for other sizes: {[s.value for s in sizes]}"
     return lib, None
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove the half-built libraries beside ``path`` that are older than a build may last:
+    left by builds that were killed (a finished or failed one removes its own). A younger
+    one may be another process's build under way, on this machine or on another sharing the
+    cache."""
+    for partial in path.parent.glob(".kernels-*.so.*"):
+        try:
+            if time.time() - partial.stat().st_mtime > BUILD_SECONDS:
+                partial.unlink()
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove: the build goes on regardless
 
 
 def vector_bits() -> int | None:

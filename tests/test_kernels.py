@@ -1,7 +1,9 @@
 """The LeNet's CPU kernels: the operators' numbers, in every dtype they take, for any number of
 threads; and where they cannot be built, the operators, saying why."""
 
+import os
 import platform
+import time
 
 import pytest
 import torch
@@ -137,13 +139,23 @@ def test_the_build_is_cached_per_cpu_and_a_missing_compiler_is_a_reason(monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     try:
         kernels._load.cache_clear()
+        folder = tmp_path / "initstudy" / "kernels"
+        folder.mkdir(parents=True)
+        # What killed builds leave (a finished or failed one removes its own): the next build
+        # removes one older than a build may last, and leaves a younger one, maybe under way.
+        stale, young = folder / ".kernels-0123.so.111", folder / ".kernels-4567.so.222"
+        for partial in (stale, young):
+            partial.write_text("half a library")
+        os.utime(stale, (0, time.time() - kernels.BUILD_SECONDS - 60))
         assert kernels.kernel() is not None
-        built = sorted((tmp_path / "initstudy" / "kernels").iterdir())
-        assert len(built) == 1 and built[0].suffix == ".so"  # no partial file left
+        built = sorted(folder.iterdir())
+        assert built[0] == young and len(built) == 2 and built[1].suffix == ".so"
+        young.unlink()
         kernels._load.cache_clear()
         monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags: another cpu")
         assert kernels.kernel() is not None
-        assert len(list((tmp_path / "initstudy" / "kernels").iterdir())) == 2
+        built = list(folder.iterdir())
+        assert len(built) == 2 and all(b.suffix == ".so" for b in built)  # no partial left
         kernels._load.cache_clear()
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
         assert kernels.kernel() is None and "no C++ compiler" in kernels.why_not()
