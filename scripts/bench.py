@@ -14,8 +14,8 @@ baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTen
 one run   = the trainer of `initstudy run`, at its defaults, in the precision of its table
 loop xK,  = K runs trained together by the same trainer in that engine (pack.Pack): images/s
 vmap xK     per run and for all K; "x in turn" is the pack's share of the ceiling over one
-            run's in the same repeat (the median over repeats), i.e. against the same K runs
-            trained one after another
+            run's in the same repeat (the median over repeats, and their range), i.e. against
+            the same K runs trained one after another
 ceiling   = the precision's matrix-product GFLOP/s (fp32, TF32 on CUDA for tf32, bf16), the
             faster of torch.matmul and (on a CPU) oneDNN, measured just before and after each
             repeat: a share is each repeat's GFLOP/s over the mean of its two, so a CPU whose
@@ -150,10 +150,10 @@ def beside_ceiling(measures: list[Callable[[], float]], gflops_per_unit: list[fl
              "share_of_ceiling": statistics.median(row["shares"]), **row} for row in rows]
 
 
-def in_turn(shares: list[float], one_run: list[float]) -> float:
+def in_turn(shares: list[float], one_run: list[float]) -> list[float]:
     """A pack's share of the ceiling over one run's, repeat by repeat (the two timed in the same
-    repeat), then the median: K runs packed against the same K runs trained one after another."""
-    return statistics.median(s / o for s, o in zip(shares, one_run))
+    repeat): K runs packed against the same K runs trained one after another."""
+    return [s / o for s, o in zip(shares, one_run)]
 
 
 def _sync(device: torch.device) -> None:
@@ -320,7 +320,9 @@ def main() -> None:
         for row, numbers in zip(rows, timed):
             row |= numbers
             row["gflops"] = row["images_per_second"] * row["runs"] * flops / 1e9
-            row["vs_in_turn"] = in_turn(row["shares"], rows[0]["shares"])
+            ratios = in_turn(row["shares"], rows[0]["shares"])
+            row["vs_in_turn"] = statistics.median(ratios)
+            row["vs_in_turn_range"] = [min(ratios), max(ratios)]  # how far repeats disagree
         seen = [c for row in rows for c in row.pop("ceilings")]
         by_library = {name: statistics.median(c[name] for c in seen) for name in seen[0]}
         results["precisions"][precision] = {
@@ -371,13 +373,15 @@ def print_results(results: dict, flops: float, study_precision: str | None) -> N
         print(f"\n{precision}{emulated}: ceiling {table['ceiling_gflops']:.1f} GFLOP/s (median; "
               f"{by_library})")
         print(f"{'':10} {'images/s':>9} {'all runs':>9} {'GFLOP/s':>8} {'ceiling':>8} "
-              f"{'x in turn':>9} {'x baseline':>10}")
+              f"{'x in turn':>9} {'(repeats)':>11} {'x baseline':>10}")
         for r in table["rows"]:
             best = "  <- best pack" if r["variant"] == table["best_pack"] else ""
             total = r["images_per_second"] * r["runs"]
+            spread = "{:.2f}-{:.2f}".format(*r["vs_in_turn_range"])
             print(f"{r['variant']:10} {r['images_per_second']:9.0f} {total:9.0f} "
                   f"{r['gflops']:8.1f} {100 * r['share_of_ceiling']:7.0f}% "
-                  f"{r['vs_in_turn']:9.2f} {total / base['images_per_second']:10.2f}{best}")
+                  f"{r['vs_in_turn']:9.2f} {spread:>11} "
+                  f"{total / base['images_per_second']:10.2f}{best}")
     print(f"\npeak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB (wandb "
           f"{results['peak_rss_wandb']})")
     if study_precision:
