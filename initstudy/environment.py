@@ -4,8 +4,11 @@ host's memory allocator; and everything besides its config that makes it reprodu
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import socket
@@ -54,14 +57,12 @@ def _git(*args: str) -> str | None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """What besides the config makes a run reproducible: versions, git commit, host, device."""
-    import torchvision
-
     status = _git("status", "--porcelain")
     return {
         "initstudy": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": version_of("torchvision"),
         "cuda": torch.version.cuda,
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
@@ -83,6 +84,27 @@ def environment(device: torch.device) -> dict[str, Any]:
         "argv": sys.argv,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def version_of(package: str) -> str | None:
+    """``package.__version__`` as the package would say it (local label included, e.g.
+    0.29.1+cu130), read from its ``version.py`` without importing it: importing torchvision
+    takes seconds, paid by every run's process, which never uses it. Else the installed
+    distribution's version; None where it is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        tree = ast.parse(Path(spec.origin).with_name("version.py").read_text())
+        return next(ast.literal_eval(node.value) for node in tree.body
+                    if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value and any(
+                        getattr(t, "id", None) == "__version__"
+                        for t in getattr(node, "targets", [getattr(node, "target", None)])))
+    except (OSError, SyntaxError, ValueError, StopIteration):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # a module, not an installed package
+            return None
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -43,6 +43,8 @@ def test_run_folder_contents(tiny_data, tmp_path):
         assert key in saved["env"]
     assert saved["env"]["pack_engine"] == "loop"
     assert saved["env"]["cpu_path"] == cpu_path("loop")
+    import torchvision
+    assert saved["env"]["torchvision"] == torchvision.__version__  # its local label included
     assert saved["env"]["cudnn_benchmark"] is False and saved["env"]["compute_capability"] is None
     assert RunConfig.from_dict(saved).run_name == "kaiming-s0"
 
@@ -357,3 +359,22 @@ def test_the_named_optimizers_and_losses_are_the_implemented_ones():
 
     assert set(training.OPTIMIZERS) == set(config.OPTIMIZERS)
     assert set(training.OBJECTIVES) == set(config.LOSSES)
+
+
+def test_a_runs_environment_names_versions_without_importing_torchvision():
+    """Importing torchvision takes seconds in every run's process, which never uses it: the
+    version is read from its version.py, as ``torchvision.__version__`` says it."""
+    code = ("import sys, torch\n"
+            "from initstudy.environment import environment, version_of\n"
+            "env = environment(torch.device('cpu'))\n"
+            "assert 'torchvision' not in sys.modules, 'imported'\n"
+            "print(env['torchvision'])\n"
+            "import torchvision, typer, importlib.metadata as m\n"
+            "assert env['torchvision'] == torchvision.__version__, env['torchvision']\n"
+            "assert version_of('torch') == torch.__version__\n"
+            "assert version_of('typer') == m.version('typer')  # no version.py: the dist's\n"
+            "assert version_of('no_such_package_here') is None\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
