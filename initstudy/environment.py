@@ -95,16 +95,16 @@ def version_of(package: str) -> str | None:
     if spec is None or spec.origin is None:
         return None
     try:
-        tree = ast.parse(Path(spec.origin).with_name("version.py").read_text())
-        return next(ast.literal_eval(node.value) for node in tree.body
-                    if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value and any(
-                        getattr(t, "id", None) == "__version__"
-                        for t in getattr(node, "targets", [getattr(node, "target", None)])))
-    except (OSError, SyntaxError, ValueError, StopIteration):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:  # a module, not an installed package
-            return None
+        for node in ast.parse(Path(spec.origin).with_name("version.py").read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__"
+                                                    for t in node.targets):
+                return ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError):
+        pass
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # a module, not an installed package
+        return None
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -64,7 +64,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         path = cache_root() / "kernels" / f"kernels-{key}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_partials(path)
+            _remove_stale_partials(path.parent)
             # Built beside its place and moved in whole: workers that build at once never
             # load half a file.
             partial = path.with_name(f".{path.name}.{os.getpid()}")
@@ -90,12 +90,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
-def _remove_stale_partials(path: Path) -> None:
-    """Remove the half-built libraries beside ``path`` that are older than a build may last:
+def _remove_stale_partials(folder: Path) -> None:
+    """Remove the half-built libraries in ``folder`` that are older than a build may last:
     left by builds that were killed (a finished or failed one removes its own). A younger
     one may be another process's build under way, on this machine or on another sharing the
     cache."""
-    for partial in path.parent.glob(".kernels-*.so.*"):
+    for partial in folder.glob(".kernels-*.so.*"):
         try:
             if time.time() - partial.stat().st_mtime > BUILD_SECONDS:
                 partial.unlink()
