@@ -14,8 +14,10 @@ baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTen
 one run   = the trainer of `initstudy run`, at its defaults, in the precision of its table
 loop xK,  = K runs trained together by the same trainer in that engine (pack.Pack): images/s
 vmap xK     per run and for all K; "x in turn" is the pack's share of the ceiling over one
-            run's in the same repeat (the median over repeats, and their range), i.e. against
-            the same K runs trained one after another
+            run's in the same repeat, i.e. against the same K runs trained one after another:
+            the median over repeats, with its 95% interval (distribution-free; it needs 6
+            repeats or more), and in the JSON the repeats' range; a share of the ceiling has
+            its 95% interval too
 ceiling   = the precision's matrix-product GFLOP/s (fp32, TF32 on CUDA for tf32, bf16), the
             faster of torch.matmul and (on a CPU) oneDNN, measured just before and after each
             repeat: a share is each repeat's GFLOP/s over the mean of its two, so a CPU whose
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -40,6 +43,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import quantile_test
 from torch.utils.flop_counter import FlopCounterMode
 
 from initstudy import LeNet, RunConfig, apply_scheme
@@ -133,7 +137,7 @@ def beside_ceiling(measures: list[Callable[[], float]], gflops_per_unit: list[fl
     with each other are timed minutes apart at most, not a whole table apart. Per measure: the
     median rate, the share of the ceiling of each repeat (its GFLOP/s, ``rate *
     gflops_per_unit``, over the mean of the ceilings just before and after it) and their
-    median, and the ceilings seen, by library."""
+    median with its 95% interval (``median_interval``), and the ceilings seen, by library."""
     for measure in measures:
         measure()
     rows = [{"rates": [], "shares": [], "ceilings": []} for _ in measures]
@@ -147,13 +151,23 @@ def beside_ceiling(measures: list[Callable[[], float]], gflops_per_unit: list[fl
                                                                   max(after.values())]))
             row["rates"].append(rate)
     return [{"images_per_second": statistics.median(row.pop("rates")),
-             "share_of_ceiling": statistics.median(row["shares"]), **row} for row in rows]
+             "share_of_ceiling": statistics.median(row["shares"]),
+             "share_ci": median_interval(row["shares"]), **row} for row in rows]
 
 
 def in_turn(shares: list[float], one_run: list[float]) -> list[float]:
     """A pack's share of the ceiling over one run's, repeat by repeat (the two timed in the same
     repeat): K runs packed against the same K runs trained one after another."""
     return [s / o for s, o in zip(shares, one_run)]
+
+
+def median_interval(ratios: list[float], level: float = 0.95) -> list[float] | None:
+    """The distribution-free interval of the median of ``ratios`` at ``level`` (two order
+    statistics; scipy's ``quantile_test``): it covers the median at least ``level`` of the
+    time whatever the repeats' distribution, a VM's bursts included. None where there are too
+    few repeats for that level (under 6 for 95%)."""
+    interval = quantile_test(ratios, p=0.5).confidence_interval(level)
+    return None if math.isnan(interval.low) else [float(interval.low), float(interval.high)]
 
 
 def _sync(device: torch.device) -> None:
@@ -323,6 +337,7 @@ def main() -> None:
             ratios = in_turn(row["shares"], rows[0]["shares"])
             row["vs_in_turn"] = statistics.median(ratios)
             row["vs_in_turn_range"] = [min(ratios), max(ratios)]  # how far repeats disagree
+            row["vs_in_turn_ci"] = median_interval(ratios)
         seen = [c for row in rows for c in row.pop("ceilings")]
         by_library = {name: statistics.median(c[name] for c in seen) for name in seen[0]}
         results["precisions"][precision] = {
@@ -373,14 +388,15 @@ def print_results(results: dict, flops: float, study_precision: str | None) -> N
         print(f"\n{precision}{emulated}: ceiling {table['ceiling_gflops']:.1f} GFLOP/s (median; "
               f"{by_library})")
         print(f"{'':10} {'images/s':>9} {'all runs':>9} {'GFLOP/s':>8} {'ceiling':>8} "
-              f"{'x in turn':>9} {'(repeats)':>11} {'x baseline':>10}")
+              f"{'(95% CI)':>11} {'x in turn':>9} {'(95% CI)':>11} {'x baseline':>10}")
         for r in table["rows"]:
             best = "  <- best pack" if r["variant"] == table["best_pack"] else ""
             total = r["images_per_second"] * r["runs"]
-            spread = "{:.2f}-{:.2f}".format(*r["vs_in_turn_range"])
+            share_ci = _interval(r["share_ci"], 100, "{:.0f}-{:.0f}%")
+            in_turn_ci = _interval(r["vs_in_turn_ci"], 1, "{:.2f}-{:.2f}")
             print(f"{r['variant']:10} {r['images_per_second']:9.0f} {total:9.0f} "
-                  f"{r['gflops']:8.1f} {100 * r['share_of_ceiling']:7.0f}% "
-                  f"{r['vs_in_turn']:9.2f} {spread:>11} "
+                  f"{r['gflops']:8.1f} {100 * r['share_of_ceiling']:7.0f}% {share_ci:>11} "
+                  f"{r['vs_in_turn']:9.2f} {in_turn_ci:>11} "
                   f"{total / base['images_per_second']:10.2f}{best}")
     print(f"\npeak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB (wandb "
           f"{results['peak_rss_wandb']})")
@@ -389,6 +405,10 @@ def print_results(results: dict, flops: float, study_precision: str | None) -> N
         print(f"study {r['study']}: {r['runs']} runs as one pack in {r['seconds']:.0f} s, "
               f"{r['images_per_second_per_run']:.0f} images/s per run, "
               f"{100 * r['fraction_of_ceiling']:.0f}% of the {study_precision} ceiling")
+
+
+def _interval(bounds: list[float] | None, scale: float, form: str) -> str:
+    return form.format(*(scale * b for b in bounds)) if bounds else "(< 6 reps)"
 
 
 def device_name(device: torch.device) -> str:
