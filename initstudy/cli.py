@@ -18,8 +18,6 @@ from rich.table import Table
 from .config import MARGIN_POINTS, RunConfig, options
 from .diagnostics import LAYER_STATS, inspect_scheme
 from .model import MODELS, build_model, init_layers
-from .plots import layer_pictures
-from .report import make_report
 from .errors import AlreadyDone, InitStudyError, Terminated, raise_terminated
 from .schemes import SCHEME_COLUMNS, apply_scheme, scheme_rows, scheme_table_markdown
 from .sources import fetch_dataset, import_pickle, inventory
@@ -170,6 +168,8 @@ def inspect(
     if json_out:
         write_json_atomic(json_out, report)
     if plot:
+        from .plots import layer_pictures  # matplotlib: ~1 s that `run` and `sweep` need not pay
+
         default = apply_scheme(build_model(model), "default", seed=seed)
         layer_pictures({"default": default, scheme: net}, layer, plot)
         console.print(f"wrote {plot}")
@@ -200,6 +200,8 @@ def report(
 ) -> None:
     """Compare the schemes of saved runs: tables with intervals, verdicts, figures, HTML. No
     training."""
+    from .report import make_report  # matplotlib, as for inspect's --plot
+
     readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title,
                          tune=tune or None, margin=margin,
                          wandb=None if wandb is None else report_wandb_mode(wandb))

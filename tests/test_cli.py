@@ -40,6 +40,14 @@ def test_the_documented_scheme_table_is_the_registry():
 
 
 @pytest.mark.slow
+def test_the_cli_starts_without_matplotlib():
+    """`initstudy run` and `sweep` (a sweep's parent process) start without matplotlib, about
+    a second of imports; `report` and `inspect --plot` load it when they draw (their tests)."""
+    probe = "import sys, initstudy.cli; print(sorted(m for m in sys.modules if 'matplotlib' in m))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
 def test_run_end_to_end(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", "--scheme", "normal:std=0.05", "--seed", "3", "--epochs", "2",
