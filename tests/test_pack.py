@@ -16,12 +16,12 @@ from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
 from initstudy.training import PerRunOptimizer, train_pack
 
-from helpers import assert_packed_step_is_each_models_own
+from helpers import DIAG_BATCH, assert_packed_step_is_each_models_own
 
 
 def configs(tiny_data, root, **overrides):
     common = dict(data_dir=str(tiny_data), epochs=2, batch_size=32, lr=0.01, log_every=3,
-                  device="cpu", quiet=True) | overrides
+                  device="cpu", quiet=True, diag_batch=DIAG_BATCH) | overrides
     return [RunConfig(scheme="kaiming", seed=0, out=str(root / "a"), **common),
             RunConfig(scheme="xavier", seed=1, data_seed=7, out=str(root / "b"), **common),
             RunConfig(scheme="orthogonal", seed=2, out=str(root / "c"), **common)]

@@ -14,13 +14,15 @@ from initstudy.pack import cpu_path
 from initstudy.runfolder import HISTOGRAM_BINS
 from initstudy.runfolder import RunFolder, read_jsonl, write_json_atomic
 
+from helpers import DIAG_BATCH
+
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 
 
 def tiny(tiny_data, tmp_path, **overrides) -> RunConfig:
     options = dict(scheme="kaiming", dataset="mnist", data_dir=str(tiny_data), epochs=2,
                    batch_size=32, lr=0.01, log_every=2, device="cpu", quiet=True,
-                   out=str(tmp_path / "run"))
+                   diag_batch=DIAG_BATCH, out=str(tmp_path / "run"))
     return RunConfig(**(options | overrides))
 
 

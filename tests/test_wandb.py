@@ -15,6 +15,8 @@ from initstudy.errors import ConfigError
 from initstudy.runfolder import read_jsonl
 from initstudy.wandbenv import wandb_mode
 
+from helpers import DIAG_BATCH
+
 LAYERS = ["features.0", "features.3", "features.6", "classifer.1", "classifer.4"]
 WANDB = Path(sys.executable).with_name("wandb")
 
@@ -22,7 +24,7 @@ WANDB = Path(sys.executable).with_name("wandb")
 def offline_run(tiny_data, tmp_path, name="run", **overrides) -> Path:
     options = dict(scheme="kaiming", data_dir=str(tiny_data), epochs=2, batch_size=50,
                    log_every=2, device="cpu", quiet=True, wandb="offline",
-                   out=str(tmp_path / name))
+                   diag_batch=DIAG_BATCH, out=str(tmp_path / name))
     train(RunConfig(**(options | overrides)))
     return tmp_path / name
 
