@@ -13,6 +13,8 @@ from initstudy import kernels
 from initstudy.environment import native_bf16
 from initstudy.pack import cpu_path
 
+from helpers import DIAG_BATCH
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
@@ -20,11 +22,11 @@ BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     study = tmp_path / "tiny.toml"
     study.write_text('name = "tiny"\ndataset = "mnist"\nschemes = ["default", "kaiming"]\n'
-                     'seeds = 2\nepochs = 1\n')
+                     f'seeds = 2\nepochs = 1\ndiag_batch = {DIAG_BATCH}\n')
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--dataset", "mnist", "--data-dir", str(tiny_data),
-         "--images", "96", "--repeats", "1", "--pack", "1,2", "--engines", "loop,vmap",
+         "--images", "64", "--repeats", "1", "--pack", "1,2", "--engines", "loop,vmap",
          "--precision", "fp32,bf16", "--json", str(out), "--study", str(study),
          "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

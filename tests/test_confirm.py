@@ -21,7 +21,8 @@ def test_confirmation_trains_the_chosen_settings_on_fresh_seeds(tmp_path, tiny_d
     tuning = tiny_study(tmp_path / "a", tiny_data, ["default", "kaiming"], seeds=2,
                         lr=[0.003, 0.03], val_size=50, tune=["lr"], name="tuning")
     tuning_out = tmp_path / "tuning-runs"
-    result = subprocess.run(sweep_cmd(tuning, tuning_out, "--wandb", "disabled"),
+    # In packs (mixed learning rates included): 2 processes for 8 runs, not 8.
+    result = subprocess.run(sweep_cmd(tuning, tuning_out, "--wandb", "disabled", "--pack", "4"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     (tuned,) = comparisons(load_runs([tuning_out]), ("lr",))
@@ -45,7 +46,7 @@ def test_confirmation_trains_the_chosen_settings_on_fresh_seeds(tmp_path, tiny_d
     assert record["study"] == "tuning" and record["on"] == "validation"
     assert record["epochs"] == 1 and record["seeds"] == [0, 1]
     out = tmp_path / "confirm-runs"
-    result = subprocess.run(sweep_cmd(confirm, out, "--wandb", "disabled"),
+    result = subprocess.run(sweep_cmd(confirm, out, "--wandb", "disabled", "--pack", "2"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     runs = plan(load_study(confirm), out)
