@@ -48,6 +48,7 @@ def test_the_cli_starts_without_matplotlib():
     assert result.stdout.strip() == "[]", result.stderr
 
 
+@pytest.mark.slow
 def test_run_end_to_end(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", "--scheme", "normal:std=0.05", "--seed", "3", "--epochs", "2",
