@@ -19,7 +19,7 @@ modules, whose masks a trainer may draw itself (``dropout_shapes``). Everything 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -201,12 +201,14 @@ MODELS = {kind.name: kind for kind in (
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A parsed model spec: its name, every parameter (defaults filled in), its builder."""
+    """A parsed model spec: its name, every parameter (defaults filled in), its builder, and
+    (from ``check_model``) the class of the model it built."""
 
     spec: str
     name: str
     params: dict[str, Any]
     make: Callable[[], Any]
+    built: type | None = None
 
 
 def resolve_model(spec: str) -> ResolvedModel:
@@ -270,8 +272,8 @@ def check_model(spec: str) -> ResolvedModel:
     """The parsed spec, once a model built from it has passed ``build_model``'s checks; the
     build draws from a forked RNG, so the caller's random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        build_model(spec)
-    return resolve_model(spec)
+        built = type(build_model(spec))
+    return replace(resolve_model(spec), built=built)
 
 
 def reference_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

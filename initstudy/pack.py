@@ -23,6 +23,13 @@ def cpu_path(engine: str) -> str:
     return "conv" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "matmul"
 
 
+def lenet_path(model_class: type, engine: str, cpu: bool) -> str | None:
+    """How a pack of ``model_class`` runs on a CPU (``cpu``) in ``engine``: ``cpu_path(engine)``
+    for the LeNet, or a subclass, which trains through ``LeNet.logits`` (``train_scores``);
+    None on a GPU, and for any other model, which never asks for (and builds) the kernels."""
+    return cpu_path(engine) if cpu and issubclass(model_class, LeNet) else None
+
+
 class _MaskFeed(nn.Module):
     """Stands in for an nn.Dropout inside a pack: multiplies by the next of the masks the
     trainer drew for this forward pass, so each run's dropout comes from its own generator."""
@@ -64,7 +71,7 @@ class Pack:
       running statistic per model): ConfigError, naming the loop engine.
 
     ``auto`` is ``loop`` on a CPU, else ``vmap``. The models must all be on one device; on a
-    CPU the LeNet takes the path ``cpu_path(engine)`` names (``LeNet.logits``), and
+    CPU the LeNet takes the path ``lenet_path`` names (``LeNet.logits``), and
     ``self.cpu_path`` is None for any other model."""
 
     def __init__(self, models: list[nn.Module], compile: bool = False, engine: str = "auto"):
@@ -81,8 +88,7 @@ class Pack:
         dropouts = dropout_shapes(models[0])
         self.dropouts = [(p, shape) for _, p, shape in dropouts]
         self._weights = [f"net.{name}.weight" for name, _ in init_layers(models[0])]
-        # Only the LeNet has CPU paths; another model never asks for (and builds) the kernels.
-        self.cpu_path = cpu_path(self.engine) if cpu and isinstance(models[0], LeNet) else None
+        self.cpu_path = lenet_path(type(models[0]), self.engine, cpu)
         wrapped = [_Scores(m, self.cpu_path) for m in models]
         self.params, self.buffers = stack_module_state(wrapped)
         self._template = copy.deepcopy(models[0]).to("meta")

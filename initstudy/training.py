@@ -23,7 +23,7 @@ from .environment import (HEAP_KEEP, environment, hold_freed_memory, native_bf16
 from .errors import ConfigError, InitStudyError, RunFailed, WriteError
 from .model import INPUT_SHAPE, build_model, check_model, init_layers
 from .kernels import why_not
-from .pack import Pack, cpu_path, resolve_engine
+from .pack import Pack, lenet_path, resolve_engine
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
 from .sources import load_dataset, say_stderr
@@ -181,8 +181,8 @@ def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, mod
             f"bf16 is emulated there, and slower than fp32")
     cpu = device.type == "cpu"
     engine = resolve_engine(first.engine, cpu, len(configs))
-    lenet_path = cpu_path(engine) if cpu and model.name == "lenet" else None
-    if engine == "loop" and lenet_path and why_not():
+    path = lenet_path(model.built, engine, cpu)
+    if engine == "loop" and path and why_not():
         say(f"note: the LeNet's CPU kernels are not available ({why_not()}): it runs on "
             f"PyTorch's operators, slower (docs/performance.md)")
     held = cpu and hold_freed_memory()
@@ -191,7 +191,7 @@ def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, mod
         "data_sha256": dataset.sha256 or None, "train_images": len(dataset.train_labels),
         "val_images": len(dataset.val_labels), "test_images": len(dataset.test_labels),
         "pack_size": len(configs),
-        "pack_engine": engine, "cpu_path": lenet_path,
+        "pack_engine": engine, "cpu_path": path,
         "malloc_keep": HEAP_KEEP if held else None}
 
     runs = []

