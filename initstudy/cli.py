@@ -18,6 +18,7 @@ from rich.table import Table
 from .config import MARGIN_POINTS, RunConfig, options
 from .diagnostics import LAYER_STATS, inspect_scheme
 from .model import MODELS, build_model, init_layers
+from .report import make_report
 from .errors import AlreadyDone, InitStudyError, Terminated, raise_terminated
 from .schemes import SCHEME_COLUMNS, apply_scheme, scheme_rows, scheme_table_markdown
 from .sources import fetch_dataset, import_pickle, inventory
@@ -200,8 +201,6 @@ def report(
 ) -> None:
     """Compare the schemes of saved runs: tables with intervals, verdicts, figures, HTML. No
     training."""
-    from .report import make_report  # matplotlib, as for inspect's --plot
-
     readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title,
                          tune=tune or None, margin=margin,
                          wandb=None if wandb is None else report_wandb_mode(wandb))
