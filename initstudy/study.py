@@ -215,9 +215,13 @@ def _expand_grid(spec: dict[str, Any]) -> list[RunConfig]:
 
 
 def plan(study: Study, out: Path, **overrides: Any) -> list[RunConfig]:
-    """The study's runs, each with its folder in ``out`` and the sweep-wide options set."""
-    return [dataclasses.replace(c, out=str(out / c.run_id), group=study.name, quiet=True,
+    """The study's runs, each with its folder in ``out`` and the sweep-wide options set;
+    ConfigError, before anything runs, for an option outside its range."""
+    runs = [dataclasses.replace(c, out=str(out / c.run_id), group=study.name, quiet=True,
                                 **overrides) for c in study.runs]
+    if runs:  # each run passed at expand; the overrides, the same in all, are checked once
+        runs[0].validate()
+    return runs
 
 
 def status(config: RunConfig) -> str:
