@@ -89,15 +89,17 @@ def models():
                "[:key=value,...], mapping N x 1 x 28 x 28 images to N x 10 class scores.")
 
 
-def _option(name: str) -> Any:
-    """The typer option of RunConfig's field ``name``: its default and help, and its choices
-    for --help and shell completion (RunConfig.validate refuses others, in one line)."""
+def _option(name: str, keep: bool = False) -> Any:
+    """The typer option of RunConfig's field ``name``: its default (None with ``keep``: each
+    run keeps its own value unless the option is given) and help, and its choices for --help
+    and shell completion (RunConfig.validate refuses others, in one line)."""
     f = next(f for f in options() if f.name == name)
     flags = f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
     choices = f.metadata["choices"]
     complete = (lambda incomplete: [c for c in choices if c.startswith(incomplete)])
-    return typer.Option(f.default, *flags, help=f.metadata["help"],
-                        show_default=f.default is not None,
+    default = None if keep else f.default
+    return typer.Option(default, *flags, help=f.metadata["help"],
+                        show_default=default is not None,
                         metavar="|".join(choices) if choices else None,
                         autocompletion=complete if choices else None)
 
@@ -233,7 +235,8 @@ def sweep_command(
                                 "threads are divided between them."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Rerun failed runs too."),
     pack: int = typer.Option(1, help="Train up to K runs together in one process "
-                             "(torch.func.vmap): for GPUs, where one LeNet leaves most idle."),
+                             "(--engine): for GPUs, where one LeNet leaves most idle."),
+    engine: Optional[str] = _option("engine", keep=True),
     partition: Optional[str] = typer.Option(None, help="Slurm partition."),
     gpus_per_task: int = typer.Option(0, help="Slurm GPUs per task."),
     time: int = typer.Option(60, help="Slurm time limit per task, minutes."),
@@ -255,7 +258,7 @@ def sweep_command(
                         ("--cpus-per-task", cpus_per_task), ("--pack", pack)):
         if value < 1:
             raise InitStudyError(f"{name} must be at least 1, got {value}")
-    overrides = {k: v for k, v in dict(data_dir=data_dir, wandb=wandb,
+    overrides = {k: v for k, v in dict(data_dir=data_dir, wandb=wandb, engine=engine,
                                        wandb_project=wandb_project,
                                        wandb_entity=wandb_entity).items() if v is not None}
     if dry_run:

@@ -30,7 +30,7 @@ PACK_FIELDS = tuple(f for f in RESULT_FIELDS
                     if f not in ("scheme", "seed", "data_seed", *PER_RUN)) + (
     "data_dir", "strict_data", "device", "log_every", "diag_batch", "compile", "engine")
 PRECISIONS = ("fp32", "tf32", "bf16")
-ENGINES = ("auto", "loop", "vmap")  # how a pack trains (pack.Pack)
+ENGINES = ("auto", "loop", "vmap", "bmm")  # how a pack trains (pack.Pack)
 WANDB_MODES = ("offline", "online", "disabled")
 # What a study may tune per scheme (a report chooses their values on the validation split).
 TUNABLE = tuple(f for f in RESULT_FIELDS if f not in ("scheme", "seed", "data_seed"))
@@ -115,8 +115,9 @@ class RunConfig:
                             "fp32 for numbers that go into a report.", choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the forward passes.")
     engine: str = option("auto", "How a pack of runs trains: loop (each run's step in turn, "
-                         "as alone), vmap (all runs as one vectorised step); auto: loop on a "
-                         "CPU, vmap on a GPU.", choices=ENGINES)
+                         "as alone), vmap (all runs as one vectorised step), bmm (the LeNet's "
+                         "layers as batched matrix products; other models: vmap); auto: loop "
+                         "on a CPU, vmap on a GPU.", choices=ENGINES)
     out: str | None = option(None, "Run folder (default: runs/<run id>, the scheme, seed and "
                              "a hash of the options that decide the result).")
     overwrite: bool = option(False, "Train again into a run folder that holds a finished run "

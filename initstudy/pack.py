@@ -1,4 +1,5 @@
-"""K models trained as one: parameters stacked, forward passes vectorised with torch.func."""
+"""K models trained as one: parameters stacked, forward passes vectorised with torch.func or,
+for the LeNet, written out as batched matrix products."""
 
 import copy
 from typing import Callable
@@ -26,8 +27,16 @@ def cpu_path(engine: str) -> str:
 def lenet_path(model_class: type, engine: str, cpu: bool) -> str | None:
     """How a pack of ``model_class`` runs on a CPU (``cpu``) in ``engine``: ``cpu_path(engine)``
     for the LeNet, or a subclass, which trains through ``LeNet.logits`` (``train_scores``);
-    None on a GPU, and for any other model, which never asks for (and builds) the kernels."""
-    return cpu_path(engine) if cpu and issubclass(model_class, LeNet) else None
+    None on a GPU, in the bmm engine (which writes the layers out itself), and for any other
+    model, which never asks for (and builds) the kernels."""
+    lenet = issubclass(model_class, LeNet) and engine != "bmm"
+    return cpu_path(engine) if cpu and lenet else None
+
+
+def bmm_takes(model_class: type) -> bool:
+    """Whether the bmm engine can train ``model_class``: the LeNet, or a subclass that keeps
+    its scores (``LeNet.logits``), whose layers ``lenet_bmm`` writes out."""
+    return issubclass(model_class, LeNet) and model_class.logits is LeNet.logits
 
 
 class _MaskFeed(nn.Module):
@@ -69,6 +78,10 @@ class Pack:
       grouped ones): a GPU's engine, where one LeNet leaves the chip idle; K models'
       activations at once. Models with batch norm cannot take it (vmap cannot update a
       running statistic per model): ConfigError, naming the loop engine.
+    - ``bmm``: the LeNet's layers written out for all K at once as batched matrix products
+      (``lenet_bmm``: each convolution one ``baddbmm`` of the K runs' patches with their
+      weights), for GPUs, whose grouped convolutions run far below their dense speed; any
+      other model trains with ``vmap`` instead (``resolve_engine``).
 
     ``auto`` is ``loop`` on a CPU, else ``vmap``. The models must all be on one device; on a
     CPU the LeNet takes the path ``lenet_path`` names (``LeNet.logits``), and
@@ -79,7 +92,7 @@ class Pack:
 
         self.size = len(models)
         cpu = next(models[0].parameters()).device.type == "cpu"
-        self.engine = resolve_engine(engine, cpu, self.size)
+        self.engine = resolve_engine(engine, cpu, self.size, type(models[0]))
         if self.engine == "vmap" and any(isinstance(m, nn.modules.batchnorm._NormBase)
                                          for m in models[0].modules()):
             raise ConfigError("models with batch norm cannot be trained as a vmap pack (vmap "
@@ -109,6 +122,10 @@ class Pack:
             self.params = {name: _channels_last_slices(t) if t.dim() == 5 else t
                            for name, t in self.params.items()}
             self._train, self._eval = train_logits, eval_logits
+        elif self.engine == "bmm":
+            self._train = lambda params, buffers, x, masks: lenet_bmm(params, x, masks)
+            self._eval = lambda params, buffers, x: lenet_bmm(
+                params, x.expand(self.size, *x.shape), ())
         else:
             self._train = vmap(train_logits)
             self._eval = vmap(eval_logits, in_dims=(0, 0, None))
@@ -136,7 +153,7 @@ class Pack:
         """Training scores, K x B x 10, of inputs K x B x 1 x 28 x 28 with the dropout masks of
         ``draw_masks`` (one K x B x shape tensor per dropout layer); differentiable in the
         stacked parameters."""
-        if self.engine == "vmap":
+        if self.engine != "loop":
             return self._train(self.params, self.buffers, x, tuple(masks))
         return torch.stack([self._train(*self._run(k), _nhwc(x[k]),
                                         tuple(mask[k] for mask in masks))
@@ -150,7 +167,7 @@ class Pack:
         ``.grad`` set to every model's gradient of its own loss (replacing any there; None
         for a parameter no model uses). Returns the K losses and the K x B x 10 scores,
         detached. The loop engine holds one model's activations at a time."""
-        if self.engine == "vmap":
+        if self.engine != "loop":
             logits = self.logits(x, masks)
             losses = torch.func.vmap(objective)(_at_least_fp32(logits), y)
             losses.sum().backward()  # each run's gradient is its own loss's
@@ -173,7 +190,7 @@ class Pack:
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode scores, K x B x 10, of the same inputs B x 1 x 28 x 28 for every model."""
-        if self.engine == "vmap":
+        if self.engine != "loop":
             return self._eval(self.params, self.buffers, x)
         x = _nhwc(x)
         return torch.stack([self._eval(*self._run(k), x) for k in range(self.size)])
@@ -209,14 +226,59 @@ def _stacked(grads: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tens
     return stacked
 
 
-def resolve_engine(engine: str, cpu: bool, size: int) -> str:
-    """The engine a pack of ``size`` models trains with: ``engine`` (one of ENGINES), ``auto``
-    being loop on a CPU and vmap elsewhere; one model is always a loop of one."""
+def resolve_engine(engine: str, cpu: bool, size: int, model_class: type) -> str:
+    """The engine a pack of ``size`` models of ``model_class`` trains with: ``engine`` (one of
+    ENGINES), ``auto`` being loop on a CPU and vmap elsewhere, bmm being vmap for a model it
+    cannot take (``bmm_takes``); one model is always a loop of one."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
     if size == 1 or engine == "loop" or (engine == "auto" and cpu):
         return "loop"
-    return "vmap"
+    return "bmm" if engine == "bmm" and bmm_takes(model_class) else "vmap"
+
+
+def lenet_bmm(params: dict[str, torch.Tensor], x: torch.Tensor,
+              masks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """K LeNets' training scores (``LeNet.logits``, pool before ReLU) in one pass: the stacked
+    parameters of ``Pack.params`` (K x ... each), inputs K x B x 1 x 28 x 28, the dropout masks
+    of ``Pack.draw_masks`` (none: eval mode) -> K x B x 10. Activations stay channels-last
+    (K x B x H x W x C) so that each convolution is one ``baddbmm`` over the K runs and the
+    next one's patches are a view of its output."""
+    def p(name: str) -> torch.Tensor:
+        return params[f"net.{name}"]
+
+    k, b = x.shape[:2]
+    h = nn.functional.pad(x, (2, 2, 2, 2)).view(k, b, 32, 32, 1)  # one channel: NCHW is NHWC
+    for conv in ("features.0", "features.3"):
+        h = _pool_nhwc(_conv_bmm(h, p(f"{conv}.weight"), p(f"{conv}.bias"))).relu()
+    h = _conv_bmm(h, p("features.6.weight"), p("features.6.bias")).view(k, b, -1).relu()
+    h = torch.baddbmm(p("classifer.1.bias").unsqueeze(1), h,
+                      p("classifer.1.weight").transpose(1, 2)).relu()
+    for mask in masks:
+        h = h * mask
+    return torch.baddbmm(p("classifer.4.bias").unsqueeze(1), h,
+                         p("classifer.4.weight").transpose(1, 2))
+
+
+def _conv_bmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """K unpadded stride-1 convolutions, one per run: x K x B x H x W x C, weight K x O x C x
+    kh x kw, bias K x O -> K x B x H' x W' x O, as one batched product of each run's patches
+    (im2col: ``Tensor.unfold`` views, laid out by the reshape) with its weights."""
+    k, b, _, _, c = x.shape
+    out, _, kh, kw = weight.shape[1:]
+    patches = x.unfold(2, kh, 1).unfold(3, kw, 1)  # K x B x H' x W' x C x kh x kw
+    height, width = patches.shape[2:4]
+    y = torch.baddbmm(bias.unsqueeze(1), patches.reshape(k, b * height * width, c * kh * kw),
+                      weight.reshape(k, out, c * kh * kw).transpose(1, 2))
+    return y.view(k, b, height, width, out)
+
+
+def _pool_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pooling of K x B x H x W x C, by ``max_pool2d`` on its channels-last view, so
+    that a tie's gradient goes where a single model's goes (one arg-max, not shared)."""
+    k, b, height, width, c = x.shape
+    y = nn.functional.max_pool2d(x.view(k * b, height, width, c).permute(0, 3, 1, 2), 2)
+    return y.permute(0, 2, 3, 1).reshape(k, b, height // 2, width // 2, c)
 
 
 def _channels_last_slices(t: torch.Tensor) -> torch.Tensor:

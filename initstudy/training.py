@@ -180,7 +180,10 @@ def _train_into(configs: list[RunConfig], folders: list[RunFolder], schemes, mod
         say(f"warning: {device} has no bf16 arithmetic of its own (environment.native_bf16): "
             f"bf16 is emulated there, and slower than fp32")
     cpu = device.type == "cpu"
-    engine = resolve_engine(first.engine, cpu, len(configs))
+    engine = resolve_engine(first.engine, cpu, len(configs), model.built)
+    if first.engine == "bmm" and engine == "vmap":
+        say(f"note: the bmm engine writes out the LeNet's layers only: this pack of "
+            f"{model.name} trains with vmap")
     path = lenet_path(model.built, engine, cpu)
     if engine == "loop" and path and why_not():
         say(f"note: the LeNet's CPU kernels are not available ({why_not()}): it runs on "

@@ -79,15 +79,17 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def assert_packed_step_is_each_models_own(models, x, y, masks) -> None:
-    """One step of a pack, in either engine, gives each model the loss and gradients it gets
-    alone (loop: its own forward and backward on its slice; vmap: one grouped computation),
-    equal to rounding. In float64, on copies: in float32 a last-bit difference can flip a
-    max-pool's arg-max at a near tie, which routes a whole gradient term elsewhere (seen: 2.4%
-    of a layer's largest gradient, 1 draw in 10)."""
+    """One step of a pack, in every engine, gives each model the loss and gradients it gets
+    alone (loop: its own forward and backward on its slice; vmap: one grouped computation;
+    bmm: the LeNet's layers as batched products, vmap for other models), equal to rounding.
+    In float64, on copies: in float32 a last-bit difference can flip a max-pool's arg-max at a
+    near tie, which routes a whole gradient term elsewhere (seen: 2.4% of a layer's largest
+    gradient, 1 draw in 10)."""
     import copy
 
     import torch
-    from initstudy.pack import Pack
+    from initstudy.config import ENGINES
+    from initstudy.pack import Pack, resolve_engine
 
     models = [copy.deepcopy(m).double() for m in models]
     x, masks = x.double(), tuple(m.double() for m in masks)
@@ -97,9 +99,9 @@ def assert_packed_step_is_each_models_own(models, x, y, masks) -> None:
         losses, _ = pack.forward_backward(xs, ys, ms, ce)
         return losses, {n: p.grad for n, p in pack.params.items()}
 
-    for engine in ("loop", "vmap"):
+    for engine in ENGINES[1:]:
         packed = Pack(copy.deepcopy(models), engine=engine)
-        assert packed.engine == engine
+        assert packed.engine == resolve_engine(engine, True, len(models), type(models[0]))
         packed_losses, packed_grads = step(packed, x, y, masks)
         for k, model in enumerate(models):
             loss, grads = step(Pack([copy.deepcopy(model)]), x[k:k + 1], y[k:k + 1],

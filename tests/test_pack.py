@@ -16,7 +16,7 @@ from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
 from initstudy.training import PerRunOptimizer, train_pack
 
-from helpers import DIAG_BATCH, assert_packed_step_is_each_models_own
+from helpers import DIAG_BATCH, assert_packed_step_is_each_models_own, write_dataset
 
 
 def configs(tiny_data, root, **overrides):
@@ -49,26 +49,39 @@ def test_a_packed_step_computes_each_runs_own_gradients():
     assert_packed_step_is_each_models_own(models, x, y, masks)
 
 
+def mixed(data, root, engine="auto"):
+    """``configs``' three runs, each with its own lr, momentum and weight decay."""
+    runs = configs(data, root, engine=engine)
+    for c, (lr, m, wd) in zip(runs, [(0.01, 0.9, 0.0), (0.03, 0.5, 1e-4), (0.003, 0.9, 0.0)]):
+        c.lr, c.momentum, c.weight_decay = lr, m, wd
+    return runs
+
+
+@pytest.fixture(scope="module")
+def solo_mixed(tmp_path_factory):
+    """``mixed``'s runs trained alone, once for every engine held against them: their data
+    root, the folder of their runs, their summaries."""
+    root = tmp_path_factory.mktemp("mixed")
+    data = write_dataset(root / "data")
+    return data, root / "solo", [train(c) for c in mixed(data, root / "solo")]
+
+
 @pytest.mark.slow
-def test_packed_runs_record_what_solo_runs_do(tiny_data, tmp_path):
+@pytest.mark.parametrize("engine", ["auto", "bmm"])
+def test_packed_runs_record_what_solo_runs_do(solo_mixed, tmp_path, engine):
     """End to end: the same records, steps, init and data order; the first logged loss (3
     steps in) equal to float rounding. Later numbers drift apart as training amplifies the
     rounding (seen: 2e-3 relative after two epochs on an AVX2 CPU, 3e-4 with AVX-512), so
-    they are held to 5%: what packing must not change is the run, not its last bits."""
-    def mixed(root):  # each run its own lr, momentum and weight decay
-        runs = configs(tiny_data, root)
-        for c, (lr, m, wd) in zip(runs, [(0.01, 0.9, 0.0), (0.03, 0.5, 1e-4), (0.003, 0.9, 0.0)]):
-            c.lr, c.momentum, c.weight_decay = lr, m, wd
-        return runs
-
-    packed = train_pack(mixed(tmp_path / "packed"))
-    solo = [train(c) for c in mixed(tmp_path / "solo")]
+    they are held to 5%: what packing must not change is the run, not its last bits. In the
+    CPU's own engine (the loop) and in bmm, the GPU's candidate, run here on the CPU."""
+    data, solo_root, solo = solo_mixed
+    packed = train_pack(mixed(data, tmp_path / "packed", engine))
     for p, s, name in zip(packed, solo, "abc"):
         assert p["status"] == s["status"] and p["steps"] == s["steps"]
         for key in ("test/acc", "test/loss", "val/acc", "train/loss"):
             assert close(p[key], s[key], 5e-2), (name, key)
         pm = read_jsonl(tmp_path / "packed" / name / "metrics.jsonl")
-        sm = read_jsonl(tmp_path / "solo" / name / "metrics.jsonl")
+        sm = read_jsonl(solo_root / name / "metrics.jsonl")
         assert [sorted(r) for r in pm] == [sorted(r) for r in sm], name
         assert [(r.get("epoch"), r["step"]) for r in pm] == [(r.get("epoch"), r["step"])
                                                              for r in sm]
@@ -76,10 +89,10 @@ def test_packed_runs_record_what_solo_runs_do(tiny_data, tmp_path):
         assert close(pm[first]["train/loss"], sm[first]["train/loss"], 1e-4), name
         assert pm[0] == sm[0] or close(pm[0], sm[0], 1e-5)  # at init: evaluation only
         pd = json.loads((tmp_path / "packed" / name / "init_diagnostics.json").read_text())
-        sd = json.loads((tmp_path / "solo" / name / "init_diagnostics.json").read_text())
+        sd = json.loads((solo_root / name / "init_diagnostics.json").read_text())
         assert pd == sd  # the same init, bit for bit
-    assert json.loads((tmp_path / "packed" / "a" / "config.json").read_text())["env"][
-        "pack_size"] == 3
+    env = json.loads((tmp_path / "packed" / "a" / "config.json").read_text())["env"]
+    assert env["pack_size"] == 3 and env["pack_engine"] == {"auto": "loop", "bmm": "bmm"}[engine]
     # Different inits, orders and dropout masks really give different runs.
     assert packed[0]["test/loss"] != packed[1]["test/loss"]
 
@@ -223,3 +236,54 @@ def test_only_the_lenet_takes_a_cpu_path_and_no_other_model_builds_the_kernels(m
     losses, _ = pack.forward_backward(torch.randn(2, 4, 1, 28, 28), torch.randint(0, 10, (2, 4)),
                                       (), torch.nn.functional.cross_entropy)
     assert losses.shape == (2,) and torch.isfinite(losses).all()
+
+
+def test_the_bmm_engine_takes_the_lenet_and_sends_other_models_to_vmap():
+    """The engine rule: one run is a loop of one; auto is the loop on a CPU and vmap on a GPU;
+    bmm writes out the LeNet's layers, so it takes the LeNet and a subclass that keeps its
+    scores, and any other model trains with vmap."""
+    from initstudy.model import MLP
+    from initstudy.pack import resolve_engine
+
+    class Wider(LeNet):  # its own scores: bmm cannot know its layers
+        def logits(self, x, cpu_path=None, chunk=CPU_CHUNK):
+            return 2 * super().logits(x, cpu_path, chunk)
+
+    class Renamed(LeNet):
+        pass
+
+    assert resolve_engine("bmm", False, 1, LeNet) == "loop"
+    assert [resolve_engine("auto", cpu, 4, LeNet) for cpu in (True, False)] == ["loop", "vmap"]
+    assert [resolve_engine("bmm", False, 4, m) for m in (LeNet, Renamed, Wider, MLP)] == [
+        "bmm", "bmm", "vmap", "vmap"]
+    with pytest.raises(ConfigError, match="unknown engine 'fast'.*loop, vmap, bmm"):
+        resolve_engine("fast", True, 2, LeNet)
+    pack = Pack([LeNet(), LeNet()], engine="bmm")
+    assert (pack.engine, pack.cpu_path) == ("bmm", None)  # its own layers, no CPU path
+
+
+def test_a_bmm_pack_trains_in_bf16_under_autocast():
+    """bf16 (autocast) reaches the bmm engine's products: the scores come out in bf16, close to
+    fp32's, and the fp32 weights get fp32 gradients."""
+    models = [apply_scheme(LeNet(), "kaiming", seed=k) for k in range(2)]
+    x, y = torch.randn(2, 8, 1, 28, 28), torch.randint(0, 10, (2, 8))
+    masks = (torch.ones(2, 8, 84),)
+    pack = Pack(models, engine="bmm")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = pack.logits(x, masks)
+        pack.forward_backward(x, y, masks, torch.nn.functional.cross_entropy)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), pack.logits(x, masks), atol=0.1)
+    assert all(p.grad.dtype == torch.float32 for p in pack.parameters())
+
+
+def test_a_bmm_pack_of_another_model_says_it_trains_with_vmap(tiny_data, tmp_path, capsys):
+    runs = [RunConfig(scheme="kaiming", seed=k, model="mlp:depth=2", data_dir=str(tiny_data),
+                      epochs=1, batch_size=32, device="cpu", engine="bmm", diag_batch=0,
+                      wandb="disabled", out=str(tmp_path / str(k))) for k in range(2)]
+    # The CPU's auto would be the loop: vmap here is the fallback from bmm.
+    assert all(r["status"] == "ok" for r in train_pack(runs))
+    saved = json.loads((tmp_path / "0" / "config.json").read_text())
+    assert saved["engine"] == "bmm" and saved["env"]["pack_engine"] == "vmap"
+    assert "the bmm engine writes out the LeNet's layers only: this pack of mlp trains " \
+           "with vmap" in capsys.readouterr().err

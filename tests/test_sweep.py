@@ -278,6 +278,9 @@ def test_sweep_cli_dry_run_and_errors(tmp_path, tiny_data):
     assert bad.exit_code == 2 and bad.stderr.startswith("error: cannot read study file")
     gpus = runner.invoke(app, ["sweep", str(study), "--gpus", "7"])
     assert gpus.exit_code == 2 and "GPU 7 is not visible" in gpus.stderr
+    engine = runner.invoke(app, ["sweep", str(study), "--engine", "fast", "--dry-run"])
+    assert engine.exit_code == 2 and engine.stderr == (
+        "error: unknown engine 'fast'; choose from auto, loop, vmap, bmm\n")
 
 
 def test_two_sweeps_cannot_share_a_folder(tmp_path):
@@ -293,14 +296,16 @@ def test_two_sweeps_cannot_share_a_folder(tmp_path):
 def test_packed_sweep_trains_runs_together(tmp_path, tiny_data):
     study = tiny_study(tmp_path, tiny_data, ["default", "xavier", "kaiming"], seeds=1)
     out = tmp_path / "out"
-    result = subprocess.run(sweep_cmd(study, out, "--pack", "2", "--wandb", "disabled"),
+    result = subprocess.run(sweep_cmd(study, out, "--pack", "2", "--engine", "bmm",
+                                      "--wandb", "disabled"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    runs = plan(load_study(study), out)
+    runs = plan(load_study(study), out)  # the engine is not in a run's id: the same runs
     assert [status(c) for c in runs] == ["ok"] * 3
-    sizes = [json.loads((Path(c.out) / "config.json").read_text())["env"]["pack_size"]
-             for c in runs]
-    assert sizes == [2, 2, 1]
+    saved = [json.loads((Path(c.out) / "config.json").read_text()) for c in runs]
+    assert [c["env"]["pack_size"] for c in saved] == [2, 2, 1]
+    assert [c["engine"] for c in saved] == ["bmm"] * 3
+    assert [c["env"]["pack_engine"] for c in saved] == ["bmm", "bmm", "loop"]  # one: a loop
 
 
 def test_packs_group_only_runs_that_may_train_together():
