@@ -6,7 +6,7 @@ every measurement; each is the median of --repeats after a warm-up.
 
     python scripts/bench.py                      # a table per precision
     python scripts/bench.py --json bench.json    # and the numbers as JSON
-    python scripts/bench.py --pack 2,4,8 --engines loop,vmap --precision fp32,bf16
+    python scripts/bench.py --pack 2,4,8 --engines loop,vmap,bmm --precision fp32,bf16
     python scripts/bench.py --study              # on a GPU: also the MNIST study, as one pack
 
 baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTensor and
@@ -25,6 +25,7 @@ ceiling   = the precision's matrix-product GFLOP/s (fp32, TF32 on CUDA for tf32,
 repeats   = a table's rows take turns: one run, each pack, one run again, ..., so that a pack
             and the run it is held against are timed side by side
 best pack = the row whose runs together reach the largest share of the ceiling
+GPU memory= on a GPU, the most memory PyTorch held while a row's pack trained, all its runs
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from initstudy.data import STATS
 from initstudy.sources import load_dataset
 from initstudy.errors import InitStudyError
 from initstudy.kernels import vector_bits
-from initstudy.pack import cpu_path
+from initstudy.pack import lenet_path
 from initstudy.study import load_study
 from initstudy.environment import numerics
 from initstudy.training import train_pack
@@ -228,21 +229,32 @@ def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int
     return seen
 
 
-def trainer(dataset: str, data_dir: str | None, images: int, pack: int, device: str,
-            precision: str, engine: str) -> Callable[[], float]:
-    """A function training ``pack`` runs together for one epoch of ``images`` at the
-    trainer's defaults in ``engine``: their per-run images/s (training steps only; no
-    validation split, so ``images`` may be the whole training set)."""
-    def epoch() -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            configs = [RunConfig(scheme="default", seed=k, dataset=dataset, data_dir=data_dir,
-                                 epochs=1, val_size=0, train_subset=images, device=device,
-                                 precision=precision, engine=engine, quiet=True,
-                                 wandb="disabled", diag_batch=0, out=f"{tmp}/{k}")
-                       for k in range(pack)]
-            return train_pack(configs)[0]["images_per_second"]
+class Trainer:
+    """Called, trains ``pack`` runs together for one epoch of ``images`` at the trainer's
+    defaults in ``engine`` and returns their per-run images/s (training steps only; no
+    validation split, so ``images`` may be the whole training set). On a GPU ``peak_gb`` is
+    the most memory PyTorch held in any call (``torch.cuda.max_memory_allocated``, GB): what
+    a pack of that size and engine needs there."""
 
-    return epoch
+    def __init__(self, dataset: str, data_dir: str | None, images: int, pack: int,
+                 device: torch.device, precision: str, engine: str):
+        self.peak_gb = 0.0 if device.type == "cuda" else None
+        self.device, self.options = device, dict(
+            dataset=dataset, data_dir=data_dir, epochs=1, val_size=0, train_subset=images,
+            device=str(device), precision=precision, engine=engine, quiet=True,
+            wandb="disabled", diag_batch=0)
+        self.pack = pack
+
+    def __call__(self) -> float:
+        if self.peak_gb is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            rate = train_pack([RunConfig(scheme="default", seed=k, out=f"{tmp}/{k}",
+                                         **self.options)
+                               for k in range(self.pack)])[0]["images_per_second"]
+        if self.peak_gb is not None:
+            self.peak_gb = max(self.peak_gb, torch.cuda.max_memory_allocated(self.device) / 1e9)
+        return rate
 
 
 def peak_rss_mb(dataset: str, data_dir: str | None, device: str, wandb: str) -> float:
@@ -291,7 +303,8 @@ def main() -> None:
     parser.add_argument("--pack", type=_sizes, default=[4], metavar="K[,K...]",
                         help="pack sizes to time (default 4)")
     parser.add_argument("--engines", type=_choices(ENGINES[1:]), default=list(ENGINES[1:]),
-                        metavar="E[,E...]", help="pack engines to time (default loop,vmap)")
+                        metavar="E[,E...]",
+                        help=f"pack engines to time (default {','.join(ENGINES[1:])})")
     parser.add_argument("--precision", type=_choices(PRECISIONS), default=["fp32"],
                         metavar="P[,P...]", help="precisions of the trainer's tables (fp32, "
                         "tf32 on CUDA, bf16; the baseline is fp32)")
@@ -313,7 +326,7 @@ def main() -> None:
                "images_per_repeat": args.images, "repeats": args.repeats,
                "flops_per_image": flops,
                # how this CPU runs the LeNet in each engine (LeNet.logits; docs/performance.md)
-               "cpu_path": ({engine: cpu_path(engine) for engine in ENGINES[1:]}
+               "cpu_path": ({engine: lenet_path(LeNet, engine, True) for engine in ENGINES[1:]}
                             if device.type == "cpu" else None),
                "kernel_vector_bits": vector_bits() if device.type == "cpu" else None}
     fp32_ceiling = ceiling(device, "fp32")
@@ -327,12 +340,13 @@ def main() -> None:
         rows = [{"variant": "one run", "runs": 1, "engine": "loop"}] + [
             {"variant": f"{engine} x{k}", "runs": k, "engine": engine}
             for k in args.pack if k > 1 for engine in args.engines]
-        timed = beside_ceiling([trainer(args.dataset, args.data_dir, args.images, row["runs"],
-                                        str(device), precision, row["engine"]) for row in rows],
-                               [row["runs"] * flops / 1e9 for row in rows], ceiling_now,
-                               args.repeats)
-        for row, numbers in zip(rows, timed):
+        trainers = [Trainer(args.dataset, args.data_dir, args.images, row["runs"], device,
+                            precision, row["engine"]) for row in rows]
+        timed = beside_ceiling(trainers, [row["runs"] * flops / 1e9 for row in rows],
+                               ceiling_now, args.repeats)
+        for row, numbers, measured in zip(rows, timed, trainers):
             row |= numbers
+            row["peak_gpu_gb"] = measured.peak_gb
             row["gflops"] = row["images_per_second"] * row["runs"] * flops / 1e9
             ratios = in_turn(row["shares"], rows[0]["shares"])
             row["vs_in_turn"] = statistics.median(ratios)
@@ -369,7 +383,8 @@ def print_results(results: dict, flops: float, study_precision: str | None) -> N
           f"{results['dataset']}, {flops / 1e9:.3f} GFLOP per training image, "
           f"{results['images_per_repeat']} images x {results['repeats']} repeats")
     if results["cpu_path"]:
-        print("the LeNet's CPU path: " + ", ".join(f"{engine} {path}" for engine, path
+        print("the LeNet's CPU path: " + ", ".join(f"{engine} {path or 'its own layers'}"
+                                                    for engine, path
                                                     in results["cpu_path"].items())
               + (f" (the kernels' vectors: {results['kernel_vector_bits']} bits)"
                  if results["kernel_vector_bits"] else ""))
@@ -388,16 +403,18 @@ def print_results(results: dict, flops: float, study_precision: str | None) -> N
         print(f"\n{precision}{emulated}: ceiling {table['ceiling_gflops']:.1f} GFLOP/s (median; "
               f"{by_library})")
         print(f"{'':10} {'images/s':>9} {'all runs':>9} {'GFLOP/s':>8} {'ceiling':>8} "
-              f"{'(95% CI)':>11} {'x in turn':>9} {'(95% CI)':>11} {'x baseline':>10}")
+              f"{'(95% CI)':>11} {'x in turn':>9} {'(95% CI)':>11} {'x baseline':>10}"
+              f"{' GPU memory' if table['rows'][0]['peak_gpu_gb'] is not None else ''}")
         for r in table["rows"]:
             best = "  <- best pack" if r["variant"] == table["best_pack"] else ""
             total = r["images_per_second"] * r["runs"]
             share_ci = _interval(r["share_ci"], 100, "{:.0f}-{:.0f}%")
             in_turn_ci = _interval(r["vs_in_turn_ci"], 1, "{:.2f}-{:.2f}")
+            memory = f" {r['peak_gpu_gb']:7.1f} GB" if r["peak_gpu_gb"] is not None else ""
             print(f"{r['variant']:10} {r['images_per_second']:9.0f} {total:9.0f} "
                   f"{r['gflops']:8.1f} {100 * r['share_of_ceiling']:7.0f}% {share_ci:>11} "
                   f"{r['vs_in_turn']:9.2f} {in_turn_ci:>11} "
-                  f"{total / base['images_per_second']:10.2f}{best}")
+                  f"{total / base['images_per_second']:10.2f}{memory}{best}")
     print(f"\npeak RSS of `initstudy run`: {results['peak_rss_mb']:.0f} MB (wandb "
           f"{results['peak_rss_wandb']})")
     if study_precision:

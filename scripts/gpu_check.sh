@@ -4,15 +4,15 @@
 #
 #   scripts/gpu_check.sh DATA OUT SECONDS [all|study]
 #
-# 1. (all, the default) a run and a small packed sweep on cuda (--jobs-per-gpu 2), then
-#    scripts/bench.py in fp32 and tf32 at pack sizes 1, 5, 10, 25 (--study on the small
-#    sweep): bench-*.json;
-# 2. experiments/mnist-lenet-tuned-full.toml with `initstudy sweep --gpus 0` at the pack size
-#    that trained fastest in tf32 (the study's precision; 25 without a bench), one job per GPU
-#    (4 when unpacked), into reports/mnist-lenet-tuned-full/runs, resuming the runs committed
-#    there, stopped (SIGTERM: interrupted runs say so) SECONDS after the start. The folder
-#    comes back as runs.tgz.* (split to under 16 MB), with timing.json and the GPU's
-#    utilisation.
+# 1. (all, the default) a small packed sweep on cuda in the bmm engine (the LeNet as batched
+#    matrix products, so far run on CPUs only), then scripts/bench.py in TF32 and bf16: vmap
+#    and bmm packs of 5, 10, 25 beside one run: bench.json;
+# 2. experiments/mnist-lenet-tuned-full.toml with `initstudy sweep --gpus 0` at the engine and
+#    pack size that trained fastest in TF32 (the study's precision; vmap x25 without a
+#    bench), one job per GPU (4 when unpacked), into reports/mnist-lenet-tuned-full/runs,
+#    resuming the runs committed there, stopped (SIGTERM: interrupted runs say so) SECONDS
+#    after the start. The folder comes back as runs.tgz.* (split to under 16 MB), with
+#    timing.json and the GPU's utilisation.
 # Every step's output goes to log.txt. DATA is a data root holding MNIST/raw (IDX files, .gz
 # or not); PYTHON the interpreter.
 set -u
@@ -45,35 +45,35 @@ train_subset = 3000
 lr = [0.01, 0.1]
 precision = "tf32"
 EOF
-        step 60 run "$py" -m initstudy.cli run --scheme kaiming --dataset mnist --data-dir "$data" \
-            --epochs 1 --train-subset 5000 --device cuda --out "$work/run"
         step 60 sweep "$py" -m initstudy.cli sweep "$work/mini.toml" --gpus 0 --pack 4 \
-            --jobs-per-gpu 2 --data-dir "$data" --out "$work/mini"
-        for precision in fp32 tf32; do
-            step 180 "bench-$precision" "$py" scripts/bench.py --device cuda --dataset mnist \
-                --data-dir "$data" --images 20000 --repeats 2 --pack 1,5,10,25 \
-                --precision "$precision" --json "$out/bench-$precision.json" \
-                $([ "$precision" = fp32 ] && echo --study "$work/mini.toml")
-        done
+            --engine bmm --data-dir "$data" --out "$work/mini"
+        step 200 bench "$py" scripts/bench.py --device cuda --dataset mnist --data-dir "$data" \
+            --images 10000 --repeats 2 --pack 1,5,10,25 --engines vmap,bmm \
+            --precision tf32,bf16 --json "$out/bench.json"
     fi
-    pack=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_pack"])' \
-        "$out/bench-tf32.json" 2>/dev/null || echo 25)
+    choice=$("$py" -c 'import json, sys
+rows = json.load(open(sys.argv[1]))["precisions"]["tf32"]["rows"]
+best = max(rows, key=lambda r: r["share_of_ceiling"])
+print(best["runs"], best["engine"])' "$out/bench.json" 2>/dev/null || echo 25 vmap)
+    read -r pack engine <<< "$choice"
     jobs=$([ "$pack" = 1 ] && echo 4 || echo 1)  # docs/performance.md: why one
-    echo "study: pack $pack, $jobs jobs per GPU"
+    echo "study: $engine x$pack, $jobs jobs per GPU"
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 \
         > "$out/gpu-utilisation.csv" &
     sampler=$!
     start=$(date +%s.%N) left=$((budget - SECONDS - 25))  # 25 s to pack the runs up
     step $((left > 10 ? left : 10)) study "$py" -m initstudy.cli sweep \
-        experiments/mnist-lenet-tuned-full.toml --gpus 0 --pack "$pack" --jobs-per-gpu "$jobs" --data-dir "$data" \
+        experiments/mnist-lenet-tuned-full.toml --gpus 0 --pack "$pack" --engine "$engine" \
+        --jobs-per-gpu "$jobs" --data-dir "$data" \
         --wandb disabled --out "$runs"
     end=$(date +%s.%N)
     kill $sampler
-    "$py" - "$start" "$end" "$pack" "$jobs" > "$out/timing.json" <<'EOF'
+    "$py" - "$start" "$end" "$pack" "$jobs" "$engine" > "$out/timing.json" <<'EOF'
 import json, sys
 start, end = map(float, sys.argv[1:3])
 print(json.dumps({"start": start, "end": end, "seconds": end - start,
-                  "pack": int(sys.argv[3]), "jobs_per_gpu": int(sys.argv[4])}))
+                  "pack": int(sys.argv[3]), "jobs_per_gpu": int(sys.argv[4]),
+                  "engine": sys.argv[5]}))
 EOF
     tar czf - "$runs" | split -b 16000000 - "$out/runs.tgz."
 } 2>&1 | tee "$out/log.txt"

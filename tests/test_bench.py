@@ -26,22 +26,24 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--dataset", "mnist", "--data-dir", str(tiny_data),
-         "--images", "64", "--repeats", "1", "--pack", "1,2", "--engines", "loop,vmap",
+         "--images", "64", "--repeats", "1", "--pack", "1,2", "--engines", "loop,vmap,bmm",
          "--precision", "fp32,bf16", "--json", str(out), "--study", str(study),
          "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
     assert numbers["device"].startswith("cpu (") and numbers["dataset"] == "mnist"
-    assert numbers["cpu_path"] == {"loop": cpu_path("loop"), "vmap": cpu_path("vmap")}
+    assert numbers["cpu_path"] == {"loop": cpu_path("loop"), "vmap": cpu_path("vmap"),
+                                   "bmm": None}  # bmm writes out the layers itself
     assert numbers["kernel_vector_bits"] == kernels.vector_bits()
     for name in ("baseline", "baseline_malloc_held"):
         assert numbers[name]["images_per_second"] > 0, name
     assert set(numbers["precisions"]) == {"fp32", "bf16"}
     for precision, table in numbers["precisions"].items():
         rows = table["rows"]
-        assert [r["variant"] for r in rows] == ["one run", "loop x2", "vmap x2"]
-        assert [r["runs"] for r in rows] == [1, 2, 2]
+        assert [r["variant"] for r in rows] == ["one run", "loop x2", "vmap x2", "bmm x2"]
+        assert [r["runs"] for r in rows] == [1, 2, 2, 2]
         assert all(r["images_per_second"] > 0 for r in rows)
+        assert all(r["peak_gpu_gb"] is None for r in rows)  # a GPU's number only
         assert rows[0]["vs_in_turn"] == 1 and rows[0]["vs_in_turn_range"] == [1, 1]
         assert all(r["vs_in_turn_range"][0] <= r["vs_in_turn"] <= r["vs_in_turn_range"][1]
                    for r in rows)
