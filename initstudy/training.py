@@ -23,6 +23,7 @@ from .environment import (HEAP_KEEP, environment, hold_freed_memory, native_bf16
 from .errors import ConfigError, InitStudyError, RunFailed, WriteError
 from .model import INPUT_SHAPE, build_model, check_model, init_layers
 from .kernels import why_not
+from .optim import pack_optimizer
 from .pack import Pack, lenet_path, resolve_engine
 from .runfolder import RunFolder
 from .schemes import apply_scheme, resolve
@@ -44,16 +45,10 @@ def _prob_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.softmax(-1), y)
 
 
+# The objectives behind config.LOSSES (a test checks the names agree; config names them
+# without importing torch).
 OBJECTIVES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ce": _ce, "prob-ce": _prob_ce}
-
-
-# The optimizers and objectives behind config.OPTIMIZERS and config.LOSSES (a test checks the
-# names agree; config names them without importing torch).
-OPTIMIZERS: dict[str, Callable[[list, RunConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum,
-                                             weight_decay=c.weight_decay),
-    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)}
 
 
 @torch.no_grad()
@@ -108,29 +103,6 @@ class _Run:
     # acc, test acc) at the epoch of highest validation accuracy (the earliest on ties)
     train_loss: float | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class PerRunOptimizer:
-    """One torch optimizer per run of a pack, each over leaves that share the storage of that
-    run's slice of the pack's stacked parameters: each run steps with its own lr, momentum and
-    weight decay by torch's own arithmetic, as it would alone. ``makers[k](params)`` builds
-    run k's optimizer."""
-
-    def __init__(self, stacked: list[torch.Tensor], makers: list[Callable]):
-        self.stacked = stacked
-        self.views = [[p[k].detach().requires_grad_() for p in stacked]
-                      for k in range(len(makers))]
-        self.optimizers = [make(views) for make, views in zip(makers, self.views)]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.stacked:
-            p.grad = None
-
-    def step(self) -> None:
-        for k, (views, optimizer) in enumerate(zip(self.views, self.optimizers)):
-            for view, p in zip(views, self.stacked):
-                view.grad = None if p.grad is None else p.grad[k]
-            optimizer.step()
 
 
 def train_pack(configs: list[RunConfig]) -> list[dict[str, Any]]:
@@ -286,11 +258,7 @@ def _fit(runs: list[_Run], data: Dataset, device: torch.device,
         seed = run.config.effective_data_seed
         run.order = torch.Generator().manual_seed(seed)
         run.dropout = torch.Generator(device=device).manual_seed(seed)
-    scalars = {tuple(getattr(r.config, f) for f in PER_RUN) for r in runs}
-    optimizer = (OPTIMIZERS[first.optimizer](pack.parameters(), first) if len(scalars) == 1
-                 else PerRunOptimizer(pack.parameters(), [
-                     lambda params, c=r.config: OPTIMIZERS[c.optimizer](params, c)
-                     for r in runs]))
+    optimizer = pack_optimizer(pack.parameters(), [r.config for r in runs])
     objective = OBJECTIVES[first.loss]
     _record_epoch(runs, pack, data, 0, 0, None)
     step, train_seconds, images = 0, 0.0, 0  # images: per run, counted on the host

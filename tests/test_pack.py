@@ -14,7 +14,8 @@ from initstudy.model import CPU_CHUNK
 from initstudy.pack import Pack, cpu_path
 from initstudy.schemes import apply_scheme
 from initstudy.runfolder import read_jsonl
-from initstudy.training import PerRunOptimizer, train_pack
+from initstudy.optim import OPTIMIZERS, PerRunOptimizer, StackedSGD, pack_optimizer
+from initstudy.training import train_pack
 
 from helpers import DIAG_BATCH, assert_packed_step_is_each_models_own, write_dataset
 
@@ -120,37 +121,49 @@ def test_pack_members_must_differ_only_in_scheme_seeds_and_optimizer_scalars(tin
         train_pack([a, b])
 
 
-def test_a_packed_step_with_each_runs_own_lr_momentum_and_decay_is_each_runs_own():
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_packed_step_with_each_runs_own_lr_momentum_and_decay_is_each_runs_own(name):
     """The optimizer's side of the contract, in float64: two steps of a pack whose runs differ
-    in lr, momentum and weight decay leave each run's weights where its solo steps do."""
+    in lr, momentum and weight decay leave each run's weights where its solo steps with
+    torch's optimizer do (SGD: one whole-pack update; others: one torch optimizer per run),
+    and leave the gradients as the backward pass made them."""
     torch.manual_seed(0)
-    scalars = [(0.1, 0.9, 0.0), (0.01, 0.0, 1e-3), (0.5, 0.5, 1e-2)]
+    runs = [RunConfig(scheme="default", optimizer=name, lr=lr, momentum=m, weight_decay=wd)
+            for lr, m, wd in [(0.1, 0.9, 0.0), (0.01, 0.0, 1e-3), (0.5, 0.5, 1e-2)]]
     models = [apply_scheme(LeNet(), s, seed=i).double() for i, s in
               enumerate(("kaiming", "xavier", "orthogonal"))]
     x = torch.randn(3, 8, 1, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 10, (3, 8))
     masks = ((torch.rand(3, 8, 84) > 0.1).double() / 0.9,)
-    sgd = lambda params, lr, m, wd: torch.optim.SGD(params, lr=lr, momentum=m, weight_decay=wd)
 
     def two_steps(pack, optimizer, xs, ys, ms):
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
             logits = pack.logits(xs, ms)
             sum(torch.nn.functional.cross_entropy(l, t) for l, t in zip(logits, ys)).backward()
+            grads = [p.grad.clone() for p in pack.parameters()]
             optimizer.step()
+            assert all(torch.equal(g, p.grad) for g, p in zip(grads, pack.parameters()))
         return pack
 
     packed = Pack([copy.deepcopy(m) for m in models])
-    packed = two_steps(packed, PerRunOptimizer(packed.parameters(), [
-        lambda params, s=s: sgd(params, *s) for s in scalars]), x, y, masks)
-    for k, (model, s) in enumerate(zip(models, scalars)):
+    optimizer = pack_optimizer(packed.parameters(), runs)
+    assert isinstance(optimizer, {"sgd": StackedSGD, "adam": PerRunOptimizer}[name])
+    packed = two_steps(packed, optimizer, x, y, masks)
+    for k, (model, run) in enumerate(zip(models, runs)):
         alone = Pack([copy.deepcopy(model)])
-        alone = two_steps(alone, sgd(alone.parameters(), *s), x[k:k + 1], y[k:k + 1],
-                          tuple(m[k:k + 1] for m in masks))
-        for name, p in alone.params.items():
-            assert torch.allclose(packed.params[name][k], p[0], rtol=1e-9, atol=1e-12), name
+        alone = two_steps(alone, OPTIMIZERS[name](alone.parameters(), run), x[k:k + 1],
+                          y[k:k + 1], tuple(m[k:k + 1] for m in masks))
+        for param, p in alone.params.items():
+            assert torch.allclose(packed.params[param][k], p[0], rtol=1e-9, atol=1e-12), param
         moved = packed.params["net.classifer.4.weight"][k] - model.classifer[4].weight
         assert moved.abs().max() > 0  # it trained
+
+
+def test_a_pack_whose_runs_share_their_scalars_steps_with_torchs_own_optimizer():
+    runs = [RunConfig(scheme=s, lr=0.03) for s in ("default", "kaiming")]
+    stacked = Pack([LeNet(), LeNet()]).parameters()
+    assert isinstance(pack_optimizer(stacked, runs), torch.optim.SGD)
 
 
 def test_pack_forward_equals_each_model():

@@ -372,9 +372,9 @@ def test_a_device_failure_is_one_line_and_recorded(tiny_data, tmp_path, monkeypa
 
 
 def test_the_named_optimizers_and_losses_are_the_implemented_ones():
-    from initstudy import config, training
+    from initstudy import config, optim, training
 
-    assert set(training.OPTIMIZERS) == set(config.OPTIMIZERS)
+    assert set(optim.OPTIMIZERS) == set(config.OPTIMIZERS)
     assert set(training.OBJECTIVES) == set(config.LOSSES)
 
 
