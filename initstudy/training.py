@@ -31,8 +31,11 @@ from .sources import load_dataset, say_stderr
 from .tracking import Tracker, WandbMirror
 from .wandbenv import check_wandb_online, wandb_mode
 
-EVAL_BATCH = 500  # images x runs per evaluation pass (a pack of K runs sees 500 // K images
-# each): the first conv's output is 0.4 MB per image per run, so at most 200 MB a pass
+# Images x runs per evaluation pass, by device type (a pack of K runs sees this // K images
+# each). A CPU's: the first conv's output is 0.4 MB per image per run, so 200 MB a pass. A
+# GPU's: fewer, larger launches (at 500, a pack of 25 evaluated 20 images a pass), at most
+# ~2 MB per image per run (bmm's patches), so under 8 GB a pass.
+EVAL_BATCH = {"cpu": 500, "cuda": 4000}
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,7 +64,8 @@ def evaluate(pack: Pack, images: torch.Tensor, labels: torch.Tensor,
         return [(None, None)] * pack.size
     loss_sum = torch.zeros(pack.size, device=labels.device)
     correct = torch.zeros(pack.size, dtype=torch.long, device=labels.device)
-    for x, y in batches(images, labels, dataset, max(1, EVAL_BATCH // pack.size)):
+    per_pass = EVAL_BATCH.get(labels.device.type, EVAL_BATCH["cpu"])
+    for x, y in batches(images, labels, dataset, max(1, per_pass // pack.size)):
         logits = pack.eval_logits(x)  # K x B x 10
         targets = y.expand(pack.size, -1)
         loss_sum += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1)
