@@ -35,7 +35,7 @@ class StackedSGD:
     grad + weight_decay * p`` (``buf = grad + weight_decay * p`` at the first step; a run
     without momentum is the same update with ``momentum`` 0), then ``p -= lr * buf``. Torch's
     update with its terms summed in another order, so equal to rounding; three or four
-    whole-pack operations per parameter where K torch optimizers take about fifteen each
+    whole-pack operations per parameter, where K torch optimizers take K times their own
     (on a GPU, as many kernel launches). Gradients are read, never changed; a parameter
     without one is left as it is, as torch leaves it."""
 
