@@ -5,8 +5,9 @@
 #   scripts/gpu_check.sh DATA OUT SECONDS [all|study]
 #
 # 1. (all, the default) a small packed sweep on cuda in the bmm engine (the LeNet as batched
-#    matrix products, so far run on CPUs only), then scripts/bench.py in TF32 and bf16: vmap
-#    and bmm packs of 5, 10, 25 beside one run: bench.json;
+#    matrix products, so far run on CPUs only), then scripts/bench.py in TF32 and bf16, packs
+#    of 10 and 25 beside one run, once per engine (vmap, bmm: one failing leaves the other's
+#    numbers): bench-ENGINE.json;
 # 2. experiments/mnist-lenet-tuned-full.toml with `initstudy sweep --gpus 0` at the engine and
 #    pack size that trained fastest in TF32 (the study's precision; vmap x25 without a
 #    bench), one job per GPU (4 when unpacked), into reports/mnist-lenet-tuned-full/runs,
@@ -47,14 +48,16 @@ precision = "tf32"
 EOF
         step 60 sweep "$py" -m initstudy.cli sweep "$work/mini.toml" --gpus 0 --pack 4 \
             --engine bmm --data-dir "$data" --out "$work/mini"
-        step 200 bench "$py" scripts/bench.py --device cuda --dataset mnist --data-dir "$data" \
-            --images 10000 --repeats 2 --pack 1,5,10,25 --engines vmap,bmm \
-            --precision tf32,bf16 --json "$out/bench.json"
+        for engine in vmap bmm; do
+            step 150 "bench-$engine" "$py" scripts/bench.py --device cuda --dataset mnist \
+                --data-dir "$data" --images 10000 --repeats 2 --pack 1,10,25 \
+                --engines "$engine" --precision tf32,bf16 --json "$out/bench-$engine.json"
+        done
     fi
     choice=$("$py" -c 'import json, sys
-rows = json.load(open(sys.argv[1]))["precisions"]["tf32"]["rows"]
+rows = [r for path in sys.argv[1:] for r in json.load(open(path))["precisions"]["tf32"]["rows"]]
 best = max(rows, key=lambda r: r["share_of_ceiling"])
-print(best["runs"], best["engine"])' "$out/bench.json" 2>/dev/null || echo 25 vmap)
+print(best["runs"], best["engine"])' "$out"/bench-*.json 2>/dev/null || echo 25 vmap)
     read -r pack engine <<< "$choice"
     jobs=$([ "$pack" = 1 ] && echo 4 || echo 1)  # docs/performance.md: why one
     echo "study: $engine x$pack, $jobs jobs per GPU"
