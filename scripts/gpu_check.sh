@@ -2,7 +2,7 @@
 # The GPU checks in one call, for a GPU machine lent for minutes: bounded in time, and leaving
 # what it measured in OUT even when a step fails or runs out of time.
 #
-#   scripts/gpu_check.sh DATA OUT SECONDS [all|study]
+#   scripts/gpu_check.sh DATA OUT SECONDS [all|study|confirm]
 #
 # 1. (all, the default) a small packed sweep on cuda in the bmm engine (the LeNet as batched
 #    matrix products, so far run on CPUs only), then scripts/bench.py in TF32 and bf16, packs
@@ -14,11 +14,18 @@
 #    resuming the runs committed there, stopped (SIGTERM: interrupted runs say so) SECONDS
 #    after the start. The folder comes back as runs.tgz.* (split to under 16 MB), with
 #    timing.json and the GPU's utilisation.
+#    (confirm: instead of 2, experiments/mnist-lenet-confirm.toml, fp32, resuming the CPU's
+#    runs in reports/mnist-lenet-confirm/runs, at the engine and pack of a bench left in OUT.)
 # Every step's output goes to log.txt. DATA is a data root holding MNIST/raw (IDX files, .gz
 # or not); PYTHON the interpreter.
 set -u
 data=${1:?data root} out=${2:?output folder} budget=${3:?seconds} what=${4:-all}
-runs=reports/mnist-lenet-tuned-full/runs
+case $what in
+    all|study) name=mnist-lenet-tuned-full ;;
+    confirm) name=mnist-lenet-confirm ;;
+    *) echo "usage: $0 DATA OUT SECONDS [all|study|confirm]" >&2; exit 2 ;;
+esac
+runs=reports/$name/runs
 py=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 mkdir -p "$out"
@@ -66,7 +73,7 @@ print(best["runs"], best["engine"])' "$out"/bench-*.json 2>/dev/null || echo 25 
     sampler=$!
     start=$(date +%s.%N) left=$((budget - SECONDS - 25))  # 25 s to pack the runs up
     step $((left > 10 ? left : 10)) study "$py" -m initstudy.cli sweep \
-        experiments/mnist-lenet-tuned-full.toml --gpus 0 --pack "$pack" --engine "$engine" \
+        "experiments/$name.toml" --gpus 0 --pack "$pack" --engine "$engine" \
         --jobs-per-gpu "$jobs" --data-dir "$data" \
         --wandb disabled --out "$runs"
     end=$(date +%s.%N)
