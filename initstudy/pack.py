@@ -248,7 +248,8 @@ def lenet_bmm(params: dict[str, torch.Tensor], x: torch.Tensor,
         return params[f"net.{name}"]
 
     k, b = x.shape[:2]
-    h = nn.functional.pad(x, (2, 2, 2, 2)).view(k, b, 32, 32, 1)  # one channel: NCHW is NHWC
+    h = nn.functional.pad(x, (2, 2, 2, 2))
+    h = h.view(k, b, *h.shape[-2:], 1)  # one channel: NCHW is NHWC
     for conv in ("features.0", "features.3"):
         h = _pool_nhwc(_conv_bmm(h, p(f"{conv}.weight"), p(f"{conv}.bias"))).relu()
     h = _conv_bmm(h, p("features.6.weight"), p("features.6.bias")).view(k, b, -1).relu()
