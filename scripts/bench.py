@@ -24,7 +24,8 @@ ceiling   = the precision's matrix-product GFLOP/s (fp32, TF32 on CUDA for tf32,
             clock or neighbours change during the bench still gets a fair share
 repeats   = a table's rows take turns: one run, each pack, one run again, ..., so that a pack
             and the run it is held against are timed side by side
-best pack = the row whose runs together reach the largest share of the ceiling
+best pack = the row whose runs together reach the largest share of the ceiling (--fastest
+            FILE...: the fastest row of several benches, for a study to run at)
 GPU memory= on a GPU, the most memory PyTorch held while a row's pack trained, all its runs
 """
 
@@ -313,7 +314,14 @@ def main() -> None:
     parser.add_argument("--study", type=Path, nargs="?", const=MNIST_STUDY, metavar="FILE",
                         help="also time a study trained as one pack (default: the six-scheme, "
                         "five-seed MNIST study and LSUV)")
+    parser.add_argument("--fastest", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: print the runs and engine of the fastest row, "
+                        "in the first --precision, of these benches' --json files")
     args = parser.parse_args()
+    if args.fastest:
+        row = fastest([json.loads(path.read_text()) for path in args.fastest], args.precision[0])
+        print(row["runs"], row["engine"])
+        return
 
     device = resolve_device(args.device)
     if "tf32" in args.precision and device.type != "cuda":
@@ -358,7 +366,7 @@ def main() -> None:
             "rows": rows, "ceiling_by_library": by_library,
             "ceiling_gflops": max(by_library.values()),
             "emulated": emulated(precision, device),
-            "best_pack": max(rows, key=lambda r: r["share_of_ceiling"])["variant"]}
+            "best_pack": max(rows, key=_speed)["variant"]}
     results["baseline"].pop("ceilings")
     if device.type == "cpu":  # how much of the gain is the allocator's: the same loop again
         results["baseline_malloc_held"], = beside_ceiling(
@@ -376,6 +384,18 @@ def main() -> None:
     print_results(results, flops, args.precision[0] if args.study else None)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _speed(row: dict) -> float:
+    """How fast a row trained, all its runs together: its share of the ceiling."""
+    return row["share_of_ceiling"]
+
+
+def fastest(benches: list[dict], precision: str) -> dict:
+    """The row of ``precision`` that trained fastest across benches' results (``--json``):
+    the setting a study runs at (its ``runs``, the pack size, and ``engine``)."""
+    return max((row for bench in benches for row in bench["precisions"][precision]["rows"]),
+               key=_speed)
 
 
 def print_results(results: dict, flops: float, study_precision: str | None) -> None:

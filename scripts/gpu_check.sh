@@ -61,10 +61,8 @@ EOF
                 --engines "$engine" --precision tf32,bf16 --json "$out/bench-$engine.json"
         done
     fi
-    choice=$("$py" -c 'import json, sys
-rows = [r for path in sys.argv[1:] for r in json.load(open(path))["precisions"]["tf32"]["rows"]]
-best = max(rows, key=lambda r: r["share_of_ceiling"])
-print(best["runs"], best["engine"])' "$out"/bench-*.json 2>/dev/null || echo 25 vmap)
+    choice=$("$py" scripts/bench.py --precision tf32 --fastest "$out"/bench-*.json 2>/dev/null \
+        || echo 25 vmap)
     read -r pack engine <<< "$choice"
     jobs=$([ "$pack" = 1 ] && echo 4 || echo 1)  # docs/performance.md: why one
     echo "study: $engine x$pack, $jobs jobs per GPU"

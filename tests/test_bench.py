@@ -51,6 +51,16 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
                    for r in rows)  # 1 repeat: no 95% interval
         best = max(rows, key=lambda r: r["share_of_ceiling"])
         assert table["best_pack"] == best["variant"]
+        # The setting a study runs at, from this bench and another whose bmm x2 was faster.
+        other = tmp_path / f"other-{precision}.json"
+        faster = dict(best, engine="bmm", runs=2, share_of_ceiling=best["share_of_ceiling"] + 1)
+        other.write_text(json.dumps({"precisions": {precision: {"rows": [faster]}}}))
+        for files, expected in (([out], f"{best['runs']} {best['engine']}"),
+                                ([out, other], "2 bmm")):
+            picked = subprocess.run([sys.executable, str(BENCH), "--precision", precision,
+                                     "--fastest", *map(str, files)],
+                                    capture_output=True, text=True, timeout=120)
+            assert picked.stdout == expected + "\n", picked.stderr
         assert set(table["ceiling_by_library"]) == {"matmul", "onednn"}
         assert all(g > 0 for g in table["ceiling_by_library"].values())  # GFLOP/s
         assert table["emulated"] == (precision == "bf16" and not native_bf16(
