@@ -51,16 +51,7 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
                    for r in rows)  # 1 repeat: no 95% interval
         best = max(rows, key=lambda r: r["share_of_ceiling"])
         assert table["best_pack"] == best["variant"]
-        # The setting a study runs at, from this bench and another whose bmm x2 was faster.
-        other = tmp_path / f"other-{precision}.json"
-        faster = dict(best, engine="bmm", runs=2, share_of_ceiling=best["share_of_ceiling"] + 1)
-        other.write_text(json.dumps({"precisions": {precision: {"rows": [faster]}}}))
-        for files, expected in (([out], f"{best['runs']} {best['engine']}"),
-                                ([out, other], "2 bmm")):
-            picked = subprocess.run([sys.executable, str(BENCH), "--precision", precision,
-                                     "--fastest", *map(str, files)],
-                                    capture_output=True, text=True, timeout=120)
-            assert picked.stdout == expected + "\n", picked.stderr
+        assert _bench().fastest([numbers], precision) == best  # the setting a study runs at
         assert set(table["ceiling_by_library"]) == {"matmul", "onednn"}
         assert all(g > 0 for g in table["ceiling_by_library"].values())  # GFLOP/s
         assert table["emulated"] == (precision == "bf16" and not native_bf16(
@@ -73,6 +64,14 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
             # different amounts; the share's arithmetic has its own exact test below.
             assert all(r["share_of_ceiling"] < 4 for r in rows), precision
             assert all(r["gflops"] < 4 * table["ceiling_gflops"] for r in rows)
+    # gpu_check's choice of setting for a study: the fastest row across benches, by the CLI.
+    fp32 = max(numbers["precisions"]["fp32"]["rows"], key=lambda r: r["share_of_ceiling"])
+    other = tmp_path / "other.json"
+    faster = dict(fp32, engine="bmm", runs=2, share_of_ceiling=fp32["share_of_ceiling"] + 1)
+    other.write_text(json.dumps({"precisions": {"fp32": {"rows": [faster]}}}))
+    picked = subprocess.run([sys.executable, str(BENCH), "--precision", "fp32", "--fastest",
+                             str(out), str(other)], capture_output=True, text=True, timeout=120)
+    assert picked.stdout == "2 bmm\n", picked.stderr
     # FLOPs counted by hand from the layer shapes: multiply-adds of each layer's forward pass
     # (conv1 on the 32x32 padded image -> 28x28, conv2 on 14x14 -> 10x10, conv3 on 5x5 -> 1x1,
     # then the two linears), 2 FLOPs each; backward twice the forward, but for the image's own
