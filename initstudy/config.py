@@ -23,7 +23,7 @@ RESULT_FIELDS = ("scheme", "model", "seed", "data_seed", "dataset", "val_size", 
                  "weight_decay", "loss", "precision")
 DEFAULT_MODEL = "lenet"  # the document's; runs of it keep the ids they had before models
 # The optimizer's per-run scalars: runs of one pack may differ in them, each stepping with its
-# own (training.PerRunOptimizer).
+# own (optim.pack_optimizer).
 PER_RUN = ("lr", "momentum", "weight_decay")
 # What runs trained together as one pack must share: all but the scheme, the seeds and PER_RUN.
 PACK_FIELDS = tuple(f for f in RESULT_FIELDS
