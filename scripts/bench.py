@@ -133,13 +133,16 @@ def _seconds(n: int, dtype: torch.dtype, device: torch.device) -> float:
 
 
 def beside_ceiling(measures: list[Callable[[], float]], gflops_per_unit: list[float],
-                   ceiling_now: Callable[[], dict[str, float]], repeats: int) -> list[dict]:
+                   ceiling_now: Callable[[], dict[str, float]], repeats: int,
+                   labels: list[str] | None = None) -> list[dict]:
     """Each of ``measures()`` (a rate) after a warm-up, ``repeats`` times, each time between two
     ceiling measurements, the measures taking turns within a repeat so that runs compared
     with each other are timed minutes apart at most, not a whole table apart. Per measure: the
     median rate, the share of the ceiling of each repeat (its GFLOP/s, ``rate *
     gflops_per_unit``, over the mean of the ceilings just before and after it) and their
-    median with its 95% interval (``median_interval``), and the ceilings seen, by library."""
+    median with its 95% interval (``median_interval``), and the ceilings seen, by library.
+    With ``labels`` (one per measure), each repeat's shares go to stderr as it ends: a bench
+    can take most of an hour, and prints its tables only at the end."""
     for measure in measures:
         measure()
     rows = [{"rates": [], "shares": [], "ceilings": []} for _ in measures]
@@ -152,6 +155,10 @@ def beside_ceiling(measures: list[Callable[[], float]], gflops_per_unit: list[fl
             row["shares"].append(rate * gflops / statistics.mean([max(before.values()),
                                                                   max(after.values())]))
             row["rates"].append(rate)
+        if labels:
+            print(f"repeat {len(rows[0]['shares'])}/{repeats}: " + ", ".join(
+                f"{label} {row['shares'][-1]:.0%}" for label, row in zip(labels, rows)),
+                file=sys.stderr, flush=True)
     return [{"images_per_second": statistics.median(row.pop("rates")),
              "share_of_ceiling": statistics.median(row["shares"]),
              "share_ci": median_interval(row["shares"]), **row} for row in rows]
@@ -341,7 +348,7 @@ def main() -> None:
     # The baseline first, while this process's malloc is as a researcher's script finds it:
     # the trainer changes it for good (hold_freed_memory), and is measured after.
     results["baseline"], = beside_ceiling([baseline(data, device, args.images)], [flops / 1e9],
-                                          fp32_ceiling, args.repeats)
+                                          fp32_ceiling, args.repeats, ["fp32 baseline"])
     results["precisions"] = {}
     for precision in args.precision:
         ceiling_now = ceiling(device, precision)
@@ -351,7 +358,8 @@ def main() -> None:
         trainers = [Trainer(args.dataset, args.data_dir, args.images, row["runs"], device,
                             precision, row["engine"]) for row in rows]
         timed = beside_ceiling(trainers, [row["runs"] * flops / 1e9 for row in rows],
-                               ceiling_now, args.repeats)
+                               ceiling_now, args.repeats,
+                               [f"{precision} {row['variant']}" for row in rows])
         for row, numbers, measured in zip(rows, timed, trainers):
             row |= numbers
             row["peak_gpu_gb"] = measured.peak_gb
@@ -370,7 +378,8 @@ def main() -> None:
     results["baseline"].pop("ceilings")
     if device.type == "cpu":  # how much of the gain is the allocator's: the same loop again
         results["baseline_malloc_held"], = beside_ceiling(
-            [baseline(data, device, args.images)], [flops / 1e9], fp32_ceiling, args.repeats)
+            [baseline(data, device, args.images)], [flops / 1e9], fp32_ceiling, args.repeats,
+            ["fp32 baseline, malloc held"])
         results["baseline_malloc_held"].pop("ceilings")
     # wandb offline, as a run's default; a machine without wandb measures without it
     results["peak_rss_wandb"] = "offline" if importlib.util.find_spec("wandb") else "disabled"

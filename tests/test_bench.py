@@ -86,6 +86,10 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
     for line in (f"the LeNet's CPU path: loop {cpu_path('loop')}, vmap", "fp32: ceiling", "bf16", "one run", "loop x2", "vmap x2",
                  "x in turn", "(95% CI)", "(< 6 reps)", "<- best pack", "peak RSS", "study "):
         assert line in result.stdout, line
+    # progress while it measures: each repeat's shares, as that repeat ends
+    for line in ("repeat 1/1: fp32 baseline ", "repeat 1/1: fp32 one run ",
+                 ", bf16 bmm x2 ", "repeat 1/1: fp32 baseline, malloc held "):
+        assert line in result.stderr, line
 
 
 def _bench():
