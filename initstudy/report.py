@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ def _device(config: dict) -> str:
     detail = [env.get("device_name")] + [env.get(key) for key in ("cpu_capability", "cpu_path")
                                          if env.get(key)]
     return f"{(config.get('device_used') or '?').split(':')[0]} ({', '.join(map(str, detail))})"
+
+
+def _devices(runs: list[Run]) -> list[str]:
+    """Each device the runs computed on, with how many runs of each scheme it trained: whether
+    a device is spread evenly over the schemes or stands in for one of them."""
+    by_device: dict[str, Counter] = defaultdict(Counter)
+    for run in runs:
+        by_device[_device(run.config)][run.scheme] += 1
+    return [f"{device}: {n.total()} run{'s' * (n.total() != 1)} ("
+            + ", ".join(f"{scheme} {k}" for scheme, k in sorted(n.items())) + ")"
+            for device, n in sorted(by_device.items())]
 
 
 def main_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -227,10 +239,10 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
                 f"runs)." if best and not comparison.confirmed else "")
     split = "validation" if analysis.split == "val" else "test"
     sections = [Section("h2", head), Section("text", headline)]
-    devices = sorted({_device(r.config) for r in comparison.runs})
+    devices = _devices(comparison.runs)
     if len(devices) > 1:
         sections.append(Section("text", f"**Mixed devices:** this comparison's runs ran on "
-                                f"{', '.join(devices)}. Runs on different devices, CPU "
+                                f"{'; '.join(devices)}. Runs on different devices, CPU "
                                 f"vector units or CPU paths are not bit-identical "
                                 f"(docs/records.md); "
                                 f"their seeds differ by float rounding as well as by chance."))

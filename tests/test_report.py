@@ -363,18 +363,21 @@ def test_a_comparison_that_mixes_device_types_says_so(tmp_path):
             (folder / "config.json").write_text(json.dumps(config))
     make_report([root], tmp_path / "r")
     readme = (tmp_path / "r" / "README.md").read_text()
-    assert "**Mixed devices:** this comparison's runs ran on cpu (cpu), cuda (NVIDIA H200)" in readme
+    assert ("**Mixed devices:** this comparison's runs ran on cpu (cpu): 1 run (default 1); "
+            "cuda (NVIDIA H200): 1 run (default 1)") in readme
     fake_run(tmp_path / "same", "default", 0, [0.1, 0.8, 0.9])
     make_report([tmp_path / "same"], tmp_path / "r2")
     assert "Mixed devices" not in (tmp_path / "r2" / "README.md").read_text()
     # Two CPUs, or two ways of running the LeNet on one, round differently too.
-    for seed, (capability, path) in enumerate([("AVX512", "fused"), ("AVX2", "fused")]):
-        folder = fake_run(tmp_path / "cpus", "default", seed, [0.1, 0.8, 0.9])
+    cpus = [("default", "AVX512"), ("default", "AVX2"), ("kaiming", "AVX2"), ("kaiming", "AVX2")]
+    for seed, (scheme, capability) in enumerate(cpus):
+        folder = fake_run(tmp_path / "cpus", scheme, seed, [0.1, 0.8, 0.9])
         config = json.loads((folder / "config.json").read_text())
-        config["env"] |= {"cpu_capability": capability, "cpu_path": path}
+        config["env"] |= {"cpu_capability": capability, "cpu_path": "fused"}
         (folder / "config.json").write_text(json.dumps(config))
     make_report([tmp_path / "cpus"], tmp_path / "r3")
-    assert ("ran on cpu (cpu, AVX2, fused), cpu (cpu, AVX512, fused)"
+    assert ("ran on cpu (cpu, AVX2, fused): 3 runs (default 1, kaiming 2); "
+            "cpu (cpu, AVX512, fused): 1 run (default 1)"
             in (tmp_path / "r3" / "README.md").read_text())
 
 
