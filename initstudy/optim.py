@@ -29,7 +29,18 @@ def pack_optimizer(stacked: list[torch.Tensor], configs: list[RunConfig]):
                                      for c in configs])
 
 
-class StackedSGD:
+class _OverStacked:
+    """An optimizer over a pack's stacked parameters, ``self.stacked``; as torch's, its
+    ``zero_grad`` drops their gradients."""
+
+    stacked: list[torch.Tensor]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.stacked:
+            p.grad = None
+
+
+class StackedSGD(_OverStacked):
     """``torch.optim.SGD`` (no dampening, no Nesterov) over stacked parameters K x ..., run k
     with its own ``lr[k]``, ``momentum[k]``, ``weight_decay[k]``: ``buf = momentum * buf +
     grad + weight_decay * p`` (``buf = grad + weight_decay * p`` at the first step; a run
@@ -52,10 +63,6 @@ class StackedSGD:
         self.decay = [per_run(weight_decay, p) if any(weight_decay) else None for p in stacked]
         self.buffers: list[torch.Tensor | None] = [None] * len(stacked)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.stacked:
-            p.grad = None
-
     @torch.no_grad()
     def step(self) -> None:
         for i, p in enumerate(self.stacked):
@@ -71,7 +78,7 @@ class StackedSGD:
             p.addcmul_(buf, self.lr[i])
 
 
-class PerRunOptimizer:
+class PerRunOptimizer(_OverStacked):
     """One torch optimizer per run of a pack, each over leaves that share the storage of that
     run's slice of the pack's stacked parameters: each run steps with its own lr, momentum and
     weight decay by torch's own arithmetic, as it would alone. ``makers[k](params)`` builds
@@ -82,10 +89,6 @@ class PerRunOptimizer:
         self.views = [[p[k].detach().requires_grad_() for p in stacked]
                       for k in range(len(makers))]
         self.optimizers = [make(views) for make, views in zip(makers, self.views)]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.stacked:
-            p.grad = None
 
     def step(self) -> None:
         for k, (views, optimizer) in enumerate(zip(self.views, self.optimizers)):
