@@ -18,6 +18,11 @@ def num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless ``n`` is 1: "1 run", "3 runs"."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def interval(ci: tuple[float, float]) -> str:
     return "-" if not all(map(math.isfinite, ci)) else f"[{pct(ci[0])}, {pct(ci[1])}]"
 

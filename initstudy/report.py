@@ -24,7 +24,7 @@ from .config import DEFAULT_MODEL, check_margin, check_tune
 from .dashboard import log_report
 from .errors import InitStudyError
 from .figures import axis_figures, figures, split_name
-from .render import Section, interval, num, pct, signed_interval, to_html, to_markdown
+from .render import Section, count, interval, num, pct, signed_interval, to_html, to_markdown
 from .results import (Run, compare_key, comparisons, confirmation, load_runs, study_margin,
                       study_name, study_tune)
 from .stats import LEVEL
@@ -47,7 +47,7 @@ def _devices(runs: list[Run]) -> list[str]:
     by_device: dict[str, Counter] = defaultdict(Counter)
     for run in runs:
         by_device[_device(run.config)][run.scheme] += 1
-    return [f"{device}: {n.total()} run{'s' * (n.total() != 1)} ("
+    return [f"{device}: {count(n.total(), 'run')} ("
             + ", ".join(f"{scheme} {k}" for scheme, k in sorted(n.items())) + ")"
             for device, n in sorted(by_device.items())]
 
@@ -136,11 +136,11 @@ def confirmation_tables(analysis: Analysis) -> list[Section]:
             for s in analysis.stats for r in [records.get(s.scheme, {})]]
     seeds = sorted({r.config.get("seed") for r in comparison.runs})
     studies = sorted({str(r.get("study")) for r in records.values()})
-    epochs = sorted({str(r.get("epochs")) for r in records.values()})
+    epochs = sorted({r.get("epochs") for r in records.values()}, key=str)
     return [Section("h3", "Settings confirmed"), Section(
         "text", f"A confirmation: each scheme's {', '.join(comparison.tuned)} was chosen on "
-        f"validation by {', '.join(studies)} at {', '.join(epochs)} epoch(s); these runs train "
-        f"{comparison.key.get('epochs')} epoch(s) at seeds {seeds[0]} to {seeds[-1]}, none of "
+        f"validation by {', '.join(studies)} at {' or '.join(count(e, 'epoch') for e in epochs)}; these runs train "
+        f"{count(comparison.key.get('epochs'), 'epoch')} at seeds {seeds[0]} to {seeds[-1]}, none of "
         f"which that study used. This report chooses nothing and quotes only its own runs."),
         Section("table", "", ["scheme", "setting", "chosen by", "on", "at epochs",
                               "tuning seeds", "its val acc (%)"], rows)]
@@ -192,9 +192,7 @@ def provenance(runs: list[Run]) -> dict[str, Any]:
         "compute_hours": sum(r.summary.get("wall_seconds") or 0 for r in runs) / 3600,
         "initstudy": values("initstudy"), "torch": values("torch"),
         "torchvision": values("torchvision"), "python": values("python"),
-        "git_commits": commits, "devices": sorted({f"{r.config.get('device_used')} "
-                                                   f"({(r.config.get('env') or {}).get('device_name')})"
-                                                   for r in runs}),
+        "git_commits": commits, "devices": sorted({_device(r.config) for r in runs}),
         "hosts": values("hostname"), "datasets": sorted({str(r.config.get("dataset_used"))
                                                          for r in runs}),
         "data_sources": values("data_source"),
@@ -226,7 +224,7 @@ def _comparison_sections(analysis: Analysis, index: int, prefix: str, folder: Pa
     model = key.get("model") or DEFAULT_MODEL
     options = ", ".join(comparison.tuned)
     head = (f"Comparison {index}: {'' if model == DEFAULT_MODEL else model + ', '}"
-            f"{key['dataset_used']}, {key['epochs']} epoch{'s' if key['epochs'] != 1 else ''}, "
+            f"{key['dataset_used']}, {count(key['epochs'], 'epoch')}, "
             f"{key.get('precision') or 'fp32'}, {key['optimizer']} " + (
                 f"at each scheme's {options} chosen by its tuning study" if comparison.confirmed
                 else f"at each scheme's best {options} (chosen on validation)" if comparison.tuned
@@ -317,7 +315,7 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
     title = title or f"Init study: {', '.join(Path(d).name for d in dirs)}"
     groups = sorted(comparisons(runs, tuned, bool(confirmed)), key=axis_order)
     shown = ", ".join(f"`{os.path.relpath(d, out)}`" for d in dirs)  # as seen from the report
-    intro = (f"{len(runs)} runs from {shown}, in {len(groups)} comparison(s). Runs are compared "
+    intro = (f"{len(runs)} runs from {shown}, in {count(len(groups), 'comparison')}. Runs are compared "
              f"only when everything but the scheme"
              f"{', the seeds and the tuned ' + ', '.join(tuned) if tuned else ' and the seeds'}"
              f" is equal. Accuracies are percent of the split named. Intervals of a mean over "
@@ -332,7 +330,7 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
                 else ""))
     unfinished = [r for r in runs if not r.finished and r.status != "failed"]
     if unfinished:
-        intro += (f" **{len(unfinished)} run(s) had not finished** when this report was made "
+        intro += (f" **{count(len(unfinished), 'run')} had not finished** when this report was made "
                   f"(status running or interrupted); they count as unfinished.")
     sections = [Section("h1", title), Section("text", intro)]
     analyses = [compare(comparison, baseline, target, margin / 100) for comparison in groups]

@@ -59,7 +59,7 @@ def test_confirmation_trains_the_chosen_settings_on_fresh_seeds(tmp_path, tiny_d
     assert result.exit_code == 0, result.output
     readme = (report / "README.md").read_text()
     assert "This report chooses nothing and quotes only its own runs." in readme
-    assert "chosen on validation by tuning at 1 epoch(s)" in readme
+    assert "chosen on validation by tuning at 1 epoch; these runs train 2 epochs at" in readme
     assert "seeds 10 to 11" in readme and "| verdict |" in readme
     assert "Validation accuracy over the grid" not in readme  # nothing tuned here
     assert not (report / "figures" / "sensitivity.png").exists()

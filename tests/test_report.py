@@ -376,9 +376,11 @@ def test_a_comparison_that_mixes_device_types_says_so(tmp_path):
         config["env"] |= {"cpu_capability": capability, "cpu_path": "fused"}
         (folder / "config.json").write_text(json.dumps(config))
     make_report([tmp_path / "cpus"], tmp_path / "r3")
+    readme = (tmp_path / "r3" / "README.md").read_text()
     assert ("ran on cpu (cpu, AVX2, fused): 3 runs (default 1, kaiming 2); "
-            "cpu (cpu, AVX512, fused): 1 run (default 1)"
-            in (tmp_path / "r3" / "README.md").read_text())
+            "cpu (cpu, AVX512, fused): 1 run (default 1)" in readme)
+    # The provenance table names the devices as the comparison does.
+    assert "| devices | cpu (cpu, AVX2, fused), cpu (cpu, AVX512, fused) |" in readme
 
 
 def test_runs_recorded_before_models_existed_compare_with_lenet_runs():
