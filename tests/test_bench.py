@@ -18,8 +18,15 @@ from helpers import DIAG_BATCH
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
+@pytest.fixture
+def script(monkeypatch):
+    """Imports scripts/NAME.py by NAME, with scripts/ on the path as when the script runs."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    return importlib.import_module
+
+
 @pytest.mark.slow
-def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
+def test_bench_measures_and_writes_every_number(tiny_data, tmp_path, script):
     study = tmp_path / "tiny.toml"
     study.write_text('name = "tiny"\ndataset = "mnist"\nschemes = ["default", "kaiming"]\n'
                      f'seeds = 2\nepochs = 1\ndiag_batch = {DIAG_BATCH}\n')
@@ -51,7 +58,7 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
                    for r in rows)  # 1 repeat: no 95% interval
         best = max(rows, key=lambda r: r["share_of_ceiling"])
         assert table["best_pack"] == best["variant"]
-        assert _bench().fastest([numbers], precision) == best  # the setting a study runs at
+        assert script("bench").fastest([numbers], precision) == best  # the setting a study runs at
         assert set(table["ceiling_by_library"]) == {"matmul", "onednn"}
         assert all(g > 0 for g in table["ceiling_by_library"].values())  # GFLOP/s
         assert table["emulated"] == (precision == "bf16" and not native_bf16(
@@ -92,31 +99,24 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path):
         assert line in result.stderr, line
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_a_share_of_the_ceiling_is_taken_beside_each_repeat():
+def test_a_share_of_the_ceiling_is_taken_beside_each_repeat(script):
     """A CPU whose clock halves between repeats: each repeat is held to the ceiling measured
     beside it, so the share stays what it is (0.8), where one ceiling for all would say 0.6."""
     ceilings = iter([{"a": 100.0, "b": 90.0}] * 2 + [{"a": 50.0, "b": 40.0}] * 2)
     rates = iter([0.0, 80.0, 40.0])  # a warm-up, then the repeats (GFLOP/s at 1 per image)
-    got, = _bench().beside_ceiling([lambda: next(rates)], [1.0], lambda: next(ceilings),
-                                   repeats=2)
+    got, = script("ceiling").beside_ceiling([lambda: next(rates)], [1.0],
+                                            lambda: next(ceilings), repeats=2)
     assert got["share_of_ceiling"] == pytest.approx(0.8)
     assert got["shares"] == pytest.approx([0.8, 0.8])
     assert got["images_per_second"] == pytest.approx(60.0)
     assert len(got["ceilings"]) == 4
 
 
-def test_a_pack_is_timed_beside_the_run_it_is_held_against():
+def test_a_pack_is_timed_beside_the_run_it_is_held_against(script):
     """Rows take turns within a repeat (one run, the pack, one run, ...), and "x in turn" is
     the median of each repeat's pack share over the one run's of the same repeat: 1.0 here
     (0.9 to 1.1), where the ratio of the two medians (0.66 / 0.6) would say 1.1."""
-    bench, calls = _bench(), []
+    ceiling, calls = script("ceiling"), []
 
     def timed(name: str, rates: list[float]):
         feed = iter(rates)
@@ -124,15 +124,15 @@ def test_a_pack_is_timed_beside_the_run_it_is_held_against():
 
     one = timed("one", [1.0, 80.0, 40.0, 60.0])  # a warm-up, then 3 repeats
     pack = timed("pack", [1.0, 40.0, 18.0, 33.0])  # per run, 2 runs: 1.0, 0.9, 1.1 of one's
-    rows = bench.beside_ceiling([one, pack], [1.0, 2.0], lambda: {"a": 100.0}, repeats=3)
+    rows = ceiling.beside_ceiling([one, pack], [1.0, 2.0], lambda: {"a": 100.0}, repeats=3)
     assert calls == ["one", "pack"] + ["one", "pack"] * 3
     assert [r["shares"] for r in rows] == [pytest.approx([0.8, 0.4, 0.6]),
                                            pytest.approx([0.8, 0.36, 0.66])]
-    assert bench.in_turn(rows[1]["shares"], rows[0]["shares"]) == pytest.approx([1.0, 0.9, 1.1])
-    assert bench.in_turn(rows[0]["shares"], rows[0]["shares"]) == [1, 1, 1]
+    assert ceiling.in_turn(rows[1]["shares"], rows[0]["shares"]) == pytest.approx([1.0, 0.9, 1.1])
+    assert ceiling.in_turn(rows[0]["shares"], rows[0]["shares"]) == [1, 1, 1]
 
 
-def test_the_interval_of_x_in_turn_covers_the_median_as_stated():
+def test_the_interval_of_x_in_turn_covers_the_median_as_stated(script):
     """Over 2,000 benches of 6, 11 and 25 repeats drawn from a skewed distribution (a VM's
     slow bursts: lognormal), the interval holds the true median as often as its two order
     statistics do for any distribution (the binomial chance that the median falls between
@@ -141,7 +141,7 @@ def test_the_interval_of_x_in_turn_covers_the_median_as_stated():
     import numpy as np
     from scipy.stats import binom
 
-    median_interval = _bench().median_interval
+    median_interval = script("ceiling").median_interval
     rng = np.random.default_rng(0)
     widths = []
     for n in (6, 11, 25):
