@@ -136,12 +136,14 @@ def confirmation_tables(analysis: Analysis) -> list[Section]:
             for s in analysis.stats for r in [records.get(s.scheme, {})]]
     seeds = sorted({r.config.get("seed") for r in comparison.runs})
     studies = sorted({str(r.get("study")) for r in records.values()})
-    epochs = sorted({r.get("epochs") for r in records.values()}, key=str)
+    epochs = " or ".join(count(e, "epoch")
+                         for e in sorted({r.get("epochs") for r in records.values()}, key=str))
     return [Section("h3", "Settings confirmed"), Section(
         "text", f"A confirmation: each scheme's {', '.join(comparison.tuned)} was chosen on "
-        f"validation by {', '.join(studies)} at {' or '.join(count(e, 'epoch') for e in epochs)}; these runs train "
-        f"{count(comparison.key.get('epochs'), 'epoch')} at seeds {seeds[0]} to {seeds[-1]}, none of "
-        f"which that study used. This report chooses nothing and quotes only its own runs."),
+        f"validation by {', '.join(studies)} at {epochs}; these runs train "
+        f"{count(comparison.key.get('epochs'), 'epoch')} at seeds {seeds[0]} to {seeds[-1]}, "
+        f"none of which that study used. This report chooses nothing and quotes only its own "
+        f"runs."),
         Section("table", "", ["scheme", "setting", "chosen by", "on", "at epochs",
                               "tuning seeds", "its val acc (%)"], rows)]
 
@@ -315,8 +317,8 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
     title = title or f"Init study: {', '.join(Path(d).name for d in dirs)}"
     groups = sorted(comparisons(runs, tuned, bool(confirmed)), key=axis_order)
     shown = ", ".join(f"`{os.path.relpath(d, out)}`" for d in dirs)  # as seen from the report
-    intro = (f"{len(runs)} runs from {shown}, in {count(len(groups), 'comparison')}. Runs are compared "
-             f"only when everything but the scheme"
+    intro = (f"{len(runs)} runs from {shown}, in {count(len(groups), 'comparison')}. Runs are "
+             f"compared only when everything but the scheme"
              f"{', the seeds and the tuned ' + ', '.join(tuned) if tuned else ' and the seeds'}"
              f" is equal. Accuracies are percent of the split named. Intervals of a mean over "
              f"seeds are {LEVEL:.0%} Student-t intervals, and of a difference Welch's; verdicts "
@@ -330,8 +332,8 @@ def make_report(dirs: list[Path], out: Path, baseline: str = "default",
                 else ""))
     unfinished = [r for r in runs if not r.finished and r.status != "failed"]
     if unfinished:
-        intro += (f" **{count(len(unfinished), 'run')} had not finished** when this report was made "
-                  f"(status running or interrupted); they count as unfinished.")
+        intro += (f" **{count(len(unfinished), 'run')} had not finished** when this report was "
+                  f"made (status running or interrupted); they count as unfinished.")
     sections = [Section("h1", title), Section("text", intro)]
     analyses = [compare(comparison, baseline, target, margin / 100) for comparison in groups]
     for axis in find_axes([(a.comparison, a.selections) for a in analyses]):
