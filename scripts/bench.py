@@ -49,12 +49,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from ceiling import beside_ceiling, ceiling, emulated, in_turn, median_interval  # scripts/
 from initstudy import LeNet, RunConfig, apply_scheme
 from initstudy.config import ENGINES, PRECISIONS
-from initstudy.data import STATS
+from initstudy.data import FILES, STATS, Dataset, idx_bytes
 from initstudy.environment import numerics, resolve_device
 from initstudy.errors import InitStudyError
 from initstudy.kernels import vector_bits
 from initstudy.pack import lenet_path
-from initstudy.sources import load_dataset
+from initstudy.sources import folders, load_dataset
 from initstudy.study import load_study
 from initstudy.training import train_pack
 
@@ -124,20 +124,36 @@ def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int
     return seen
 
 
-class Trainer:
-    """Called, trains ``pack`` runs together for one epoch of ``images`` at the trainer's
-    defaults in ``engine`` and returns their per-run images/s (training steps only; no
-    validation split, so ``images`` may be the whole training set). On a GPU ``peak_gb`` is
-    the most memory PyTorch held in any call (``torch.cuda.max_memory_allocated``, GB): what
-    a pack of that size and engine needs there."""
+HELD_OUT = 100  # test images a timed epoch evaluates (untimed), at init and after the epoch
 
-    def __init__(self, dataset: str, data_dir: str | None, images: int, pack: int,
-                 device: torch.device, precision: str, engine: str):
+
+def bench_root(data: Dataset, images: int, folder: Path) -> Path:
+    """A data root in ``folder`` holding ``data``'s first ``images`` training images and first
+    ``HELD_OUT`` test images as `mnist` IDX files, for the timed epochs to read. The trainer
+    evaluates the whole test split at init and after each epoch, outside the timed steps; on
+    full MNIST those 20,000 images were most of a bench's wall time."""
+    raw = folders("mnist", str(folder))[0]
+    raw.mkdir(parents=True)
+    for split, n in (("train", images), ("test", HELD_OUT)):
+        for kind in ("images", "labels"):
+            tensor = getattr(data, f"{split}_{kind}")[:n].to(torch.uint8)
+            (raw / FILES[f"{split}_{kind}"]).write_bytes(idx_bytes(tensor.numpy()))
+    return folder
+
+
+class Trainer:
+    """Called, trains ``pack`` runs together for one epoch of the training images under
+    ``root`` (``bench_root``) at the trainer's defaults in ``engine`` and returns their per-run
+    images/s (training steps only; no validation split, so every image trains). On a GPU
+    ``peak_gb`` is the most memory PyTorch held in any call
+    (``torch.cuda.max_memory_allocated``, GB): what a pack of that size and engine needs there."""
+
+    def __init__(self, root: Path, pack: int, device: torch.device, precision: str,
+                 engine: str):
         self.peak_gb = 0.0 if device.type == "cuda" else None
         self.device, self.options = device, dict(
-            dataset=dataset, data_dir=data_dir, epochs=1, val_size=0, train_subset=images,
-            device=str(device), precision=precision, engine=engine, quiet=True,
-            wandb="disabled", diag_batch=0)
+            dataset="mnist", data_dir=str(root), epochs=1, val_size=0, device=str(device),
+            precision=precision, engine=engine, quiet=True, wandb="disabled", diag_batch=0)
         self.pack = pack
 
     def __call__(self) -> float:
@@ -222,6 +238,11 @@ def main() -> None:
         sys.exit("error: tf32 is a CUDA precision; on a CPU time fp32 or bf16")
     study_runs = len(load_study(args.study).runs) if args.study else 0  # a bad file fails now
     data = load_dataset(args.dataset, args.data_dir)
+    if args.images > len(data.train_labels):
+        sys.exit(f"error: --images {args.images} is more than {data.name}'s "
+                 f"{len(data.train_labels)} training images")
+    held = tempfile.TemporaryDirectory(prefix="bench-")  # removed as the bench exits
+    root = bench_root(data, args.images, Path(held.name))
     flops = flops_per_image(device)
     results = {"device": device_name(device), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "dataset": data.name,
@@ -242,8 +263,8 @@ def main() -> None:
         rows = [{"variant": "one run", "runs": 1, "engine": "loop"}] + [
             {"variant": f"{engine} x{k}", "runs": k, "engine": engine}
             for k in args.pack if k > 1 for engine in args.engines]
-        trainers = [Trainer(args.dataset, args.data_dir, args.images, row["runs"], device,
-                            precision, row["engine"]) for row in rows]
+        trainers = [Trainer(root, row["runs"], device, precision, row["engine"])
+                    for row in rows]
         timed = beside_ceiling(trainers, [row["runs"] * flops / 1e9 for row in rows],
                                ceiling_now, args.repeats,
                                [f"{precision} {row['variant']}" for row in rows])

@@ -99,6 +99,29 @@ def test_bench_measures_and_writes_every_number(tiny_data, tmp_path, script):
         assert line in result.stderr, line
 
 
+def test_timed_epochs_read_the_training_images_and_a_few_test_images(tiny_data, tmp_path,
+                                                                     script, monkeypatch):
+    """The trainer evaluates the test split untimed at init and after each epoch, so the bench
+    hands it the first --images training images and only HELD_OUT test images; more images
+    than the dataset has is an error, not a smaller bench."""
+    from initstudy.sources import load_dataset
+
+    bench = script("bench")
+    assert bench.HELD_OUT <= 100  # of MNIST's 10,000
+    monkeypatch.setattr(bench, "HELD_OUT", 10)  # of the tiny data's 100
+    data = load_dataset("mnist", str(tiny_data))
+    cut = load_dataset("mnist", str(bench.bench_root(data, 64, tmp_path / "root")))
+    assert torch.equal(cut.train_images, data.train_images[:64])
+    assert torch.equal(cut.train_labels, data.train_labels[:64])
+    assert torch.equal(cut.test_images, data.test_images[:10])
+    assert torch.equal(cut.test_labels, data.test_labels[:10])
+    too_many = subprocess.run([sys.executable, str(BENCH), "--dataset", "mnist", "--data-dir",
+                               str(tiny_data), "--images", "201", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=120)
+    assert too_many.returncode == 1
+    assert "--images 201 is more than mnist's 200 training images" in too_many.stderr
+
+
 def test_a_share_of_the_ceiling_is_taken_beside_each_repeat(script):
     """A CPU whose clock halves between repeats: each repeat is held to the ceiling measured
     beside it, so the share stays what it is (0.8), where one ceiling for all would say 0.6."""
