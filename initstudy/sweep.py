@@ -21,8 +21,12 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 from .config import RunConfig
 from .runfolder import FINISHED
@@ -232,12 +236,13 @@ class SweepProgress:
 
     def __init__(self, total: int, done: int, console):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+                                   TimeElapsedColumn)
 
         self.progress = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                 TextColumn("ETA"), TimeRemainingColumn(), console=console)
-        self.task = self.progress.add_task("runs", total=total, completed=done, info="")
+                                 TextColumn("ETA"), StudyETA(), console=console)
+        self.task = self.progress.add_task("runs", total=total, completed=done, info="",
+                                           ended=0, ended_at=0.0)
         self.running: set[str] = set()
         self.failed = 0
 
@@ -249,18 +254,34 @@ class SweepProgress:
         self.progress.__exit__(*exc)
 
     def report(self, event: str, config: RunConfig, run_status: str) -> None:
+        task = self.progress.tasks[self.task]
         if event == "start":
             self.running.add(config.run_id)
         else:
             self.running.discard(config.run_id)
             self.failed += run_status == "failed"
             self.progress.advance(self.task)
+            self.progress.update(self.task, ended=task.fields["ended"] + 1,
+                                 ended_at=task.elapsed)
             summary = _summary(config)
             acc = summary.get("test/acc")
             detail = f"test/acc {acc:.4f}" if isinstance(acc, float) else summary.get("error", "")
             self.progress.console.print(f"{run_status:>8}  {config.run_id}  {detail}")
         self.progress.update(self.task, info=f"running {len(self.running)}  "
                                               f"failed {self.failed}")
+
+
+class StudyETA(ProgressColumn):
+    """Time left at this sweep's own pace (the seconds to its last run's end over the runs ended
+    by then), counting down between ends. rich's own estimate looks back 30 s, and runs take
+    minutes: it never had two ends to go on."""
+
+    def render(self, task) -> Text:
+        ended, at = task.fields["ended"], task.fields["ended_at"]
+        if not ended or task.elapsed is None:
+            return Text("-:--:--", style="progress.remaining")
+        left = max(0.0, at / ended * (task.total - task.completed) - (task.elapsed - at))
+        return Text(str(timedelta(seconds=round(left))), style="progress.remaining")
 
 
 def offline_records(runs: list[RunConfig]) -> list[str]:

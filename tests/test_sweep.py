@@ -1,5 +1,6 @@
 """Studies: grid expansion, GPU slots, resume after a kill, fault isolation, a real sweep."""
 
+import io
 import json
 import os
 import signal
@@ -8,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+from rich.progress import Progress
 from typer.testing import CliRunner
 
 from initstudy import RunConfig
 from initstudy.cli import app
 from initstudy.study import StudyError, expand, load_study, plan, status
-from initstudy.sweep import cpu_slots, gpu_slots
+from initstudy.sweep import StudyETA, SweepProgress, cpu_slots, gpu_slots
 
 from helpers import sweep_cmd, tiny_study, wait_for, write_study
 
@@ -205,6 +208,30 @@ def test_a_crashing_run_fails_alone(tmp_path, tiny_data):
     assert "3 runs, 1 already finished, 2 to run" in " ".join(retry.stderr.split())
     assert "MemoryError" in json.loads((Path(runs["oom"].out) / "summary.json").read_text())[
         "error"]  # ...unless asked: retried, and failed again for the same reason
+
+
+def test_a_studys_eta_is_its_own_pace_counting_down_between_runs(tmp_path):
+    clock = [0.0]
+    progress = Progress(get_time=lambda: clock[0])
+    task_id = progress.add_task("runs", total=10, completed=4, ended=0, ended_at=0.0)
+    task, eta = progress.tasks[task_id], StudyETA()
+    assert eta.render(task).plain == "-:--:--"  # resumed with 4 done: no pace of its own yet
+    clock[0] = 600.0  # its first run ends after 10 min: 5 left at 10 min each
+    progress.update(task_id, advance=1, ended=1, ended_at=600.0)
+    assert eta.render(task).plain == "0:50:00"
+    clock[0] = 840.0  # and counts down until the next end
+    assert eta.render(task).plain == "0:46:00"
+    clock[0] = 5000.0  # overdue: never negative
+    assert eta.render(task).plain == "0:00:00"
+
+    # The sweep's display keeps the fields the column reads as runs end.
+    sweep = SweepProgress(total=3, done=1, console=Console(file=io.StringIO()))
+    config = RunConfig(out=str(tmp_path / "run"))
+    sweep.report("start", config, "running")
+    sweep.report("end", config, "failed")
+    fields = sweep.progress.tasks[sweep.task].fields
+    assert fields["ended"] == 1 and 0 < fields["ended_at"] < 60
+    assert "failed 1" in fields["info"]
 
 
 def workers_of(out: Path) -> list[int]:
