@@ -8,6 +8,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 from typer.testing import CliRunner
@@ -132,6 +133,12 @@ def test_mean_interval_and_probability_of_beating():
     assert hi - lo == pytest.approx(2 * scipy_stats.t.ppf(0.975, 3) * scipy_stats.sem(
         [0.1, 0.2, 0.3, 0.4]))
     assert prob_beats([2, 3], [1, 2]) == (2 + 1.5) / 4
+    assert prob_beats([0.99] * 3, [0.99] * 4) == 0.5  # all tied: a coin
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # wins plus half the ties, pair by pair, with ties common
+        a, b = (rng.integers(0, 4, rng.integers(1, 7)).tolist() for _ in "ab")
+        assert prob_beats(a, b) == pytest.approx(
+            sum((x > y) + (x == y) / 2 for x in a for y in b) / (len(a) * len(b)))
 
 
 def test_target_chosen_from_the_data(study):
