@@ -64,8 +64,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def _mean_band(runs: list[list[tuple[float, float]]]) -> tuple[list, list, list]:
-    """Mean and std over runs at each x that any run has (runs that stopped early, like
-    diverged ones, drop out of the later points)."""
+    """Mean and sample std (n - 1, as the tables' std) over runs at each x that any run has
+    (runs that stopped early, like diverged ones, drop out of the later points; one run, no
+    band)."""
     by_x: dict[float, list[float]] = {}
     for points in runs:
         for x, y in points:
@@ -73,7 +74,7 @@ def _mean_band(runs: list[list[tuple[float, float]]]) -> tuple[list, list, list]
                 by_x.setdefault(x, []).append(y)
     xs = sorted(by_x)
     means = [statistics.mean(by_x[x]) for x in xs]
-    stds = [statistics.pstdev(by_x[x]) for x in xs]
+    stds = [statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
     return xs, means, stds
 
 

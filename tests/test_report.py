@@ -302,6 +302,15 @@ def test_unreadable_run_folders_are_skipped_with_one_warning(study, tmp_path, da
     assert "| default | 2 | 2 |" in (tmp_path / "r" / "README.md").read_text()
 
 
+def test_curve_bands_are_the_tables_sample_std_over_the_runs_at_each_point():
+    from initstudy.plots import _mean_band
+
+    runs = [[(1, 0.2), (2, 0.5)], [(1, 0.4), (2, math.nan)], [(1, 0.9)]]  # two stop early
+    xs, means, stds = _mean_band(runs)
+    assert xs == [1, 2] and means == pytest.approx([0.5, 0.5])
+    assert stds == pytest.approx([np.std([0.2, 0.4, 0.9], ddof=1), 0.0])  # one run: no band
+
+
 def test_weight_panels_keep_the_init_scale_when_the_final_weights_blow_up():
     import matplotlib.pyplot as plt
 
