@@ -58,11 +58,6 @@ class SchemeStats:
     detectable: float = math.nan  # smallest difference detected at 80% power, this design
     n_needed: int | None = None  # runs per scheme that would detect the margin
 
-    @property
-    def success(self) -> float:
-        """The fraction of runs that finished without diverging or failing."""
-        return self.ok / self.runs if self.runs else math.nan
-
 
 @dataclass
 class Analysis:
