@@ -25,7 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from rich.progress import ProgressColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn)
 from rich.text import Text
 
 from .config import RunConfig
@@ -235,14 +236,11 @@ class SweepProgress:
     for each run that ends."""
 
     def __init__(self, total: int, done: int, console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
-
         self.progress = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  TextColumn("ETA"), StudyETA(), console=console)
         self.task = self.progress.add_task("runs", total=total, completed=done, info="",
-                                           ended=0, ended_at=0.0)
+                                           resumed=done, ended_at=0.0)
         self.running: set[str] = set()
         self.failed = 0
 
@@ -254,15 +252,13 @@ class SweepProgress:
         self.progress.__exit__(*exc)
 
     def report(self, event: str, config: RunConfig, run_status: str) -> None:
-        task = self.progress.tasks[self.task]
         if event == "start":
             self.running.add(config.run_id)
         else:
             self.running.discard(config.run_id)
             self.failed += run_status == "failed"
-            self.progress.advance(self.task)
-            self.progress.update(self.task, ended=task.fields["ended"] + 1,
-                                 ended_at=task.elapsed)
+            self.progress.update(self.task, advance=1,
+                                 ended_at=self.progress.tasks[self.task].elapsed)
             summary = _summary(config)
             acc = summary.get("test/acc")
             detail = f"test/acc {acc:.4f}" if isinstance(acc, float) else summary.get("error", "")
@@ -277,7 +273,7 @@ class StudyETA(ProgressColumn):
     minutes: it never had two ends to go on."""
 
     def render(self, task) -> Text:
-        ended, at = task.fields["ended"], task.fields["ended_at"]
+        ended, at = task.completed - task.fields["resumed"], task.fields["ended_at"]
         if not ended or task.elapsed is None:
             return Text("-:--:--", style="progress.remaining")
         left = max(0.0, at / ended * (task.total - task.completed) - (task.elapsed - at))
