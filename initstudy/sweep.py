@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -214,15 +215,19 @@ def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | Non
     console.print(f"study [bold]{study.name}[/]: {len(runs)} runs, {finished} already finished"
                   + (f", {failed} failed (rerun with --retry-failed)" if failed else "")
                   + f", {len(todo)} to run -> {out}")
-    with SweepProgress(len(runs), len(runs) - len(todo), console) as progress:
+    slots: list[Slot] = []
+    if backend != "slurm":
+        gpus = visible_gpus() if gpus is None else gpus
+        slots = gpu_slots(gpus, jobs_per_gpu) if gpus else cpu_slots(workers or 1)
+    # Slurm decides how many tasks run at once, so only a local sweep can start from a pace.
+    pace = recorded_pace(runs, len(slots) * pack) if slots else None
+    with SweepProgress(len(runs), len(runs) - len(todo), console, pace) as progress:
         if backend == "slurm":
             jobs = submit_slurm(todo, out, pack=pack, **(slurm or {}))
             console.print(f"submitted job array {jobs[0].job_id.split('_')[0]} "
                           f"({len(jobs)} tasks)" if jobs else "nothing to submit")
             wait_slurm(jobs, todo, progress.report)
         else:
-            gpus = visible_gpus() if gpus is None else gpus
-            slots = gpu_slots(gpus, jobs_per_gpu) if gpus else cpu_slots(workers or 1)
             run_local(packs(todo, pack), slots, progress.report)
     counts: dict[str, int] = {}
     for config in runs:
@@ -231,16 +236,26 @@ def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | Non
     return counts
 
 
+def recorded_pace(runs: list[RunConfig], at_once: int) -> float | None:
+    """Seconds per run with ``at_once`` runs training together, from the median recorded wall
+    time of the runs already finished (a pack records its own wall in each of its runs); None
+    when none has finished."""
+    walls = [s["wall_seconds"] for s in map(_summary, runs)
+             if s.get("status") in FINISHED and isinstance(s.get("wall_seconds"), (int, float))]
+    return statistics.median(walls) / at_once if walls else None
+
+
 class SweepProgress:
     """A progress bar over the whole study (done / running / failed / total, ETA) and a line
-    for each run that ends."""
+    for each run that ends. ``pace``: seconds per run to estimate from until a run of this
+    sweep ends (``recorded_pace``)."""
 
-    def __init__(self, total: int, done: int, console):
+    def __init__(self, total: int, done: int, console, pace: float | None = None):
         self.progress = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  TextColumn("ETA"), StudyETA(), console=console)
         self.task = self.progress.add_task("runs", total=total, completed=done, info="",
-                                           resumed=done, ended_at=0.0)
+                                           resumed=done, ended_at=0.0, pace=pace)
         self.running: set[str] = set()
         self.failed = 0
 
@@ -269,15 +284,17 @@ class SweepProgress:
 
 class StudyETA(ProgressColumn):
     """Time left at this sweep's own pace (the seconds to its last run's end over the runs ended
-    by then), counting down between ends. rich's own estimate looks back 30 s, and runs take
-    minutes: it never had two ends to go on."""
+    by then), counting down between ends. Until its first run ends, a resumed sweep goes by the
+    finished runs' recorded ``pace``, marked ``~``. rich's own estimate looks back 30 s, and
+    runs take minutes: it never had two ends to go on."""
 
     def render(self, task) -> Text:
         ended, at = task.completed - task.fields["resumed"], task.fields["ended_at"]
-        if not ended or task.elapsed is None:
+        pace, mark = (at / ended, "") if ended else (task.fields["pace"], "~")
+        if pace is None or task.elapsed is None:
             return Text("-:--:--", style="progress.remaining")
-        left = max(0.0, at / ended * (task.total - task.completed) - (task.elapsed - at))
-        return Text(str(timedelta(seconds=round(left))), style="progress.remaining")
+        left = max(0.0, pace * (task.total - task.completed) - (task.elapsed - at))
+        return Text(mark + str(timedelta(seconds=round(left))), style="progress.remaining")
 
 
 def offline_records(runs: list[RunConfig]) -> list[str]:

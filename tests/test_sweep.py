@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from initstudy import RunConfig
 from initstudy.cli import app
 from initstudy.study import StudyError, expand, load_study, plan, status
-from initstudy.sweep import StudyETA, SweepProgress, cpu_slots, gpu_slots
+from initstudy.sweep import StudyETA, SweepProgress, cpu_slots, gpu_slots, recorded_pace
 
 from helpers import sweep_cmd, tiny_study, wait_for, write_study
 
@@ -213,7 +213,8 @@ def test_a_crashing_run_fails_alone(tmp_path, tiny_data):
 def test_a_studys_eta_is_its_own_pace_counting_down_between_runs(tmp_path):
     clock = [0.0]
     progress = Progress(get_time=lambda: clock[0])
-    task_id = progress.add_task("runs", total=10, completed=4, resumed=4, ended_at=0.0)
+    task_id = progress.add_task("runs", total=10, completed=4, resumed=4, ended_at=0.0,
+                                pace=None)
     task, eta = progress.tasks[task_id], StudyETA()
     assert eta.render(task).plain == "-:--:--"  # resumed with 4 done: no pace of its own yet
     clock[0] = 600.0  # its first run ends after 10 min: 5 left at 10 min each
@@ -224,6 +225,19 @@ def test_a_studys_eta_is_its_own_pace_counting_down_between_runs(tmp_path):
     clock[0] = 5000.0  # overdue: never negative
     assert eta.render(task).plain == "0:00:00"
 
+    # Resumed with a recorded pace of 12 min a run: an estimate (~) from the start, counting
+    # down, until its own first end sets the pace.
+    clock[0] = 0.0
+    task_id = progress.add_task("runs", total=10, completed=4, resumed=4, ended_at=0.0,
+                                pace=720.0)
+    task = progress.tasks[task_id]
+    assert eta.render(task).plain == "~1:12:00"
+    clock[0] = 300.0
+    assert eta.render(task).plain == "~1:07:00"
+    clock[0] = 600.0
+    progress.update(task_id, advance=1, ended_at=600.0)
+    assert eta.render(task).plain == "0:50:00"
+
     # The sweep's display keeps the fields the column reads as runs end.
     sweep = SweepProgress(total=3, done=1, console=Console(file=io.StringIO()))
     config = RunConfig(out=str(tmp_path / "run"))
@@ -233,6 +247,20 @@ def test_a_studys_eta_is_its_own_pace_counting_down_between_runs(tmp_path):
     task = sweep.progress.tasks[sweep.task]
     assert task.completed - fields["resumed"] == 1 and 0 < fields["ended_at"] < 60
     assert "failed 1" in fields["info"]
+
+
+def test_the_recorded_pace_is_the_finished_runs_median_wall_over_the_runs_at_once(tmp_path):
+    runs = [RunConfig(out=str(tmp_path / f"r{i}")) for i in range(5)]
+    recorded = [{"status": "ok", "wall_seconds": 900.0},
+                {"status": "diverged", "wall_seconds": 300.0},
+                {"status": "ok", "wall_seconds": 2000.0},  # paused: the median ignores it
+                {"status": "failed", "wall_seconds": 5.0}]  # not a finished run's time
+    for config, summary in zip(runs, recorded):
+        Path(config.out).mkdir()
+        (Path(config.out) / "summary.json").write_text(json.dumps(summary))
+    assert recorded_pace(runs, at_once=1) == 900.0
+    assert recorded_pace(runs, at_once=2) == 450.0  # two slots, or a pack of two
+    assert recorded_pace(runs[3:], at_once=1) is None  # nothing finished: nothing to go by
 
 
 def workers_of(out: Path) -> list[int]:
