@@ -47,7 +47,6 @@ from typing import Any
 from .config import RunConfig
 from .errors import AlreadyDone, ConfigError, WriteError
 
-STATUSES = ("running", "ok", "diverged", "failed", "interrupted")  # summary.json's status
 FINISHED = ("ok", "diverged")  # a result: a sweep never redoes these, a report compares them
 HISTOGRAM_BINS = 30  # histograms.jsonl: the seed document's plt.hist(..., bins=30)
 
