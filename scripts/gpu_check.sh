@@ -18,6 +18,9 @@
 #    runs in reports/mnist-lenet-confirm/runs, at the engine and pack of a bench left in OUT.)
 # Every step's output goes to log.txt. DATA is a data root holding MNIST/raw (IDX files, .gz
 # or not); PYTHON the interpreter.
+# A machine lent through a copy of the working tree may take less than the whole tree
+# (reports/depth-mlp's histograms alone are 81 MB): send it without that folder (untracked
+# for the call and excluded, then restored), and MNIST as its .gz files in an excluded folder.
 set -u
 data=${1:?data root} out=${2:?output folder} budget=${3:?seconds} what=${4:-all}
 case $what in
