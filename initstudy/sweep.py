@@ -321,8 +321,6 @@ def plan_table(runs: list[RunConfig]):
 
 def summary_table(runs: list[RunConfig]):
     """Per scheme: how many runs ended how, and the final test accuracy over finished ones."""
-    import statistics
-
     from rich.table import Table
 
     table = Table(title="study summary")
