@@ -9,8 +9,9 @@ every measurement; each is the median of --repeats after a warm-up.
     python scripts/bench.py --pack 2,4,8 --engines loop,vmap,bmm --precision fp32,bf16
     python scripts/bench.py --study              # on a GPU: also the MNIST study, as one pack
 
-baseline  = the loop of PyTorch's MNIST example: a Dataset with per-sample ToTensor and
-            Normalize, DataLoader(batch_size=64, shuffle=True), NCHW fp32, loss.item() every step
+baseline  = the loop of PyTorch's MNIST example (scripts/example_loop.py): a Dataset with
+            per-sample ToTensor and Normalize, DataLoader(batch_size=64, shuffle=True), NCHW
+            fp32, loss.item() every step
 one run   = the trainer of `initstudy run`, at its defaults, in the precision of its table
 loop xK,  = K runs trained together by the same trainer in that engine (pack.Pack): images/s
 vmap xK     per run and for all K; "x in turn" is the pack's share of the ceiling over one
@@ -47,10 +48,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ceiling import beside_ceiling, ceiling, emulated, in_turn, median_interval  # scripts/
-from initstudy import LeNet, RunConfig, apply_scheme
+from example_loop import baseline  # scripts/
+from initstudy import LeNet, RunConfig
 from initstudy.config import ENGINES, PRECISIONS
-from initstudy.data import FILES, STATS, Dataset, idx_bytes
-from initstudy.environment import numerics, resolve_device
+from initstudy.data import FILES, Dataset, idx_bytes
+from initstudy.environment import resolve_device
 from initstudy.errors import InitStudyError
 from initstudy.kernels import vector_bits
 from initstudy.pack import lenet_path
@@ -69,59 +71,6 @@ def flops_per_image(device: torch.device) -> float:
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model.logits(x), y).backward()
     return counter.get_total_flops() / 64
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """What torchvision.datasets.MNIST does per sample: a PIL image, then the transforms."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, dataset: str):
-        from torchvision import transforms
-
-        mean, std = STATS[dataset]
-        self.images, self.labels = images.numpy(), labels.tolist()
-        self.transform = transforms.Compose([transforms.ToTensor(),
-                                             transforms.Normalize((mean,), (std,))])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i], mode="L")), self.labels[i]
-
-
-def baseline(data, device: torch.device, images: int) -> Callable[[], float]:
-    """A function timing one epoch of the PyTorch MNIST example's loop: its images/s."""
-    loader = torch.utils.data.DataLoader(
-        ExampleDataset(data.train_images[:images], data.train_labels[:images], data.name),
-        batch_size=64, shuffle=True)
-    model = apply_scheme(LeNet(), "default", seed=0).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def epoch() -> float:
-        start = time.perf_counter()
-        with numerics("fp32", device):  # NCHW fp32: no TF32 on CUDA either
-            seen = _example_epoch(loader, model, optimizer, device)
-        return seen / (time.perf_counter() - start)
-
-    return epoch
-
-
-def _example_epoch(loader, model: LeNet, optimizer, device: torch.device) -> int:
-    """One epoch of the PyTorch MNIST example's loop; returns the images trained."""
-    seen = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad()
-        # The document's forward less its final Softmax (cross-entropy takes the scores),
-        # not LeNet.logits, which is initstudy's own faster order.
-        loss = F.cross_entropy(model.document_logits(x), y)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # the example logs it; it waits for the device every step
-        seen += len(y)
-    return seen
 
 
 HELD_OUT = 100  # test images a timed epoch evaluates (untimed), at init and after the epoch
