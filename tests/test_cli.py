@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from initstudy.cli import app
@@ -37,6 +38,36 @@ def test_the_documented_scheme_table_is_the_registry():
     table = run_cli("schemes", "--markdown").stdout.strip()
     assert table in docs and table.count("\n") == len(SCHEMES) + 1
     assert "| lsuv |" in table
+
+
+def _commands(group, path=()):
+    """(argv prefix, click command) of every command and sub-group under ``group``."""
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_help_text_shows_whole_on_one_line():
+    """Help goes through Rich, which reads '[word...]' as a style and drops it, and keeps a
+    docstring's line breaks in a group's list of commands: on a terminal wide enough, each
+    command's summary and each option's help must show whole, each on one line."""
+    def lines(*argv: str) -> list[str]:
+        result = runner.invoke(app, [*argv, "--help"], env={"COLUMNS": "1000"})
+        assert result.exit_code == 0, result.output
+        return [" ".join(line.replace("│", " ").split()) for line in result.stdout.splitlines()]
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for argv, command in [((), group), *_commands(group)]:
+        shown = lines(*argv)
+        texts = [p.help for p in command.params if getattr(p, "help", None)]
+        if hasattr(command, "commands"):
+            texts += [sub.help.split("\n\n")[0] for sub in command.commands.values()]
+        for text in texts:
+            assert any(" ".join(text.split()) in line for line in shown), (argv, text)
+            checked += 1
+    assert checked > 50  # every command's options, not none
 
 
 @pytest.mark.slow
