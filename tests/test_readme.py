@@ -117,3 +117,12 @@ def test_every_findings_table_cell_is_its_reports_number():
             (comparison,) = comparisons.values()
             checked = check_scheme_table(header, rows, comparison)
         assert checked >= len(rows), (report, checked)
+
+
+def test_the_readme_stays_a_front_door():
+    """At most 9,000 characters: what the tool is, the two commands, the findings as tables,
+    the reference links; the long paragraphs live in the reports and docs/."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text) <= 9000, f"README.md is {len(text):,} characters; move prose to docs/"
+    for command in ("initstudy run --scheme kaiming", "python -m pytest -q"):
+        assert command in text
