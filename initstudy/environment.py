@@ -46,26 +46,35 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def _git(*args: str) -> str | None:
+def _git(folder: Path, *args: str) -> str | None:
     try:
-        result = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
+        result = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True,
+                                timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def source_state(package: Path = Path(__file__).parent) -> tuple[str | None, bool | None]:
+    """The git commit of the code in ``package`` and whether that code differs from it (a
+    tracked file changed, or a file git does not ignore added, in ``package`` itself); None
+    for each outside a git checkout. A study's run folders, untracked in its checkout while it
+    runs, are not the code that ran, and do not count."""
+    status = _git(package, "status", "--porcelain", "--", ".")
+    return _git(package, "rev-parse", "HEAD"), bool(status) if status is not None else None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What besides the config makes a run reproducible: versions, git commit, host, device."""
-    status = _git("status", "--porcelain")
+    commit, dirty = source_state()
     return {
         "initstudy": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": version_of("torchvision"),
         "cuda": torch.version.cuda,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_commit": commit,
+        "git_dirty": dirty,
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"

@@ -395,3 +395,30 @@ def test_a_runs_environment_names_versions_without_importing_torchvision():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_the_dirty_flag_is_the_packages_code_not_the_runs_beside_it(tmp_path):
+    """A study run in a checkout writes its run folders there, untracked: the record still
+    says the code is the commit's. A changed or added file of the package says it is not."""
+    from initstudy.environment import source_state
+
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
+                                       capture_output=True, text=True).stdout.strip()
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
+    assert source_state(package) == (git("rev-parse", "HEAD"), False)
+    (tmp_path / "reports" / "runs" / "default-s0").mkdir(parents=True)
+    (tmp_path / "reports" / "runs" / "default-s0" / "summary.json").write_text("{}")
+    assert source_state(package)[1] is False  # the runs beside the code do not count
+    (package / "new.py").write_text("y = 2\n")
+    assert source_state(package)[1] is True  # an added module does
+    (package / "new.py").unlink()
+    (package / "code.py").write_text("x = 2\n")
+    assert source_state(package)[1] is True  # and a changed one
+    plain = tmp_path.parent / f"{tmp_path.name}-plain"  # beside the checkout, not in one
+    plain.mkdir()
+    assert source_state(plain) == (None, None)
