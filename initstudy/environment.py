@@ -78,7 +78,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+                        else cpu_name()),
         # What decides whether a GPU run repeats bit for bit (docs/records.md).
         "compute_capability": (".".join(map(str, torch.cuda.get_device_capability(device)))
                                if device.type == "cuda" else None),
@@ -93,6 +93,22 @@ def environment(device: torch.device) -> dict[str, Any]:
         "argv": sys.argv,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model as Linux names it, with its family and model numbers where it gives
+    them (a virtual machine may name two generations alike: "AMD EPYC"); elsewhere what
+    Python knows of the processor."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in cpuinfo.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value.strip())  # the first processor's
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def version_of(package: str) -> str | None:

@@ -52,7 +52,7 @@ from example_loop import baseline  # scripts/
 from initstudy import LeNet, RunConfig
 from initstudy.config import ENGINES, PRECISIONS
 from initstudy.data import FILES, Dataset, idx_bytes
-from initstudy.environment import resolve_device
+from initstudy.environment import cpu_name, resolve_device
 from initstudy.errors import InitStudyError
 from initstudy.kernels import vector_bits
 from initstudy.pack import lenet_path
@@ -315,13 +315,11 @@ def _interval(bounds: list[float] | None, scale: float, form: str) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The device with its model: the GPU's name, or the CPU's (``lscpu``'s "Model name") and
-    the widest vector instructions PyTorch uses on it."""
+    """The device with its model: the GPU's name, or the CPU's (as a run records it) and the
+    widest vector instructions PyTorch uses on it."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                  .splitlines() if line.startswith("model name")), "unknown CPU")
-    return f"cpu ({model}, {torch.backends.cpu.get_cpu_capability()})"
+    return f"cpu ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def _sizes(text: str) -> list[int]:

@@ -422,3 +422,22 @@ def test_the_dirty_flag_is_the_packages_code_not_the_runs_beside_it(tmp_path):
     plain = tmp_path.parent / f"{tmp_path.name}-plain"  # beside the checkout, not in one
     plain.mkdir()
     assert source_state(plain) == (None, None)
+
+
+def test_a_cpu_is_recorded_by_its_model_family_and_model(tmp_path):
+    """Two EPYC generations a virtual machine names alike ("AMD EPYC") are told apart by their
+    family and model numbers; a CPU whose /proc/cpuinfo names no model (ARM) or a host without
+    one gets what Python knows."""
+    import platform
+
+    from initstudy.environment import cpu_name
+
+    x86 = tmp_path / "x86"
+    x86.write_text("".join(f"processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+                           f"model\t\t: {model}\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n"
+                           for i, model in enumerate((17, 1))))
+    assert cpu_name(x86) == "AMD EPYC (family 25 model 17)"  # the first processor's
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n")
+    python_says = platform.processor() or platform.machine()
+    assert cpu_name(arm) == cpu_name(tmp_path / "none") == python_says
