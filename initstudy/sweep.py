@@ -277,7 +277,13 @@ class SweepProgress:
             summary = _summary(config)
             acc = summary.get("test/acc")
             detail = f"test/acc {acc:.4f}" if isinstance(acc, float) else summary.get("error", "")
-            self.progress.console.print(f"{run_status:>8}  {config.run_id}  {detail}")
+            # The count and time left on the line too: a sweep's log (nohup, Slurm) has no bar.
+            # One line however long (an error's text), read as text, not rich markup.
+            task = self.progress.tasks[self.task]
+            self.progress.console.print(f"{run_status:>8}  {config.run_id}  {detail}  "
+                                        f"({task.completed:.0f}/{task.total:.0f}, ETA "
+                                        f"{StudyETA().render(task).plain})",
+                                        soft_wrap=True, markup=False)
         self.progress.update(self.task, info=f"running {len(self.running)}  "
                                               f"failed {self.failed}")
 

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -238,8 +239,10 @@ def test_a_studys_eta_is_its_own_pace_counting_down_between_runs(tmp_path):
     progress.update(task_id, advance=1, ended_at=600.0)
     assert eta.render(task).plain == "0:50:00"
 
-    # The sweep's display keeps the fields the column reads as runs end.
-    sweep = SweepProgress(total=3, done=1, console=Console(file=io.StringIO()))
+    # The sweep's display keeps the fields the column reads as runs end, and each run's line
+    # says how far the study is and the time left, for a log that has no bar.
+    log = io.StringIO()
+    sweep = SweepProgress(total=3, done=1, console=Console(file=log))
     config = RunConfig(out=str(tmp_path / "run"))
     sweep.report("start", config, "running")
     sweep.report("end", config, "failed")
@@ -247,6 +250,14 @@ def test_a_studys_eta_is_its_own_pace_counting_down_between_runs(tmp_path):
     task = sweep.progress.tasks[sweep.task]
     assert task.completed - fields["resumed"] == 1 and 0 < fields["ended_at"] < 60
     assert "failed 1" in fields["info"]
+    config.run_dir.mkdir()
+    (config.run_dir / "summary.json").write_text(json.dumps(
+        {"status": "failed", "error": "RuntimeError: [/bold] not rich markup " + "x" * 80}))
+    sweep.report("start", config, "running")
+    sweep.report("end", config, "failed")
+    line = log.getvalue().splitlines()[-1]  # one line, wider than the console's 80 columns
+    assert line.startswith(f"  failed  {config.run_id}  RuntimeError: [/bold] not rich markup")
+    assert re.search(r"x  \(3/3, ETA \d:\d\d:\d\d\)$", line)
 
 
 def test_the_recorded_pace_is_the_finished_runs_median_wall_over_the_runs_at_once(tmp_path):
