@@ -214,7 +214,7 @@ def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | Non
     failed = len(runs) - finished - len(todo)  # kept, unless --retry-failed
     console.print(f"study [bold]{study.name}[/]: {len(runs)} runs, {finished} already finished"
                   + (f", {failed} failed (rerun with --retry-failed)" if failed else "")
-                  + f", {len(todo)} to run -> {out}")
+                  + f", {len(todo)} to run -> {out}", soft_wrap=True)
     slots: list[Slot] = []
     if backend != "slurm":
         gpus = visible_gpus() if gpus is None else gpus

@@ -200,13 +200,14 @@ def test_a_crashing_run_fails_alone(tmp_path, tiny_data):
 
     rerun = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1  # the failed runs are still failed...
-    said = " ".join(rerun.stderr.split())  # rich wraps lines at the terminal's width
-    assert "3 runs, 1 already finished, 2 failed (rerun with --retry-failed), 0 to run" in said
+    (said,) = [line for line in rerun.stderr.splitlines() if "already finished" in line]
+    assert "3 runs, 1 already finished, 2 failed (rerun with --retry-failed), 0 to run -> " \
+        f"{out}" in said  # on one line, however long (a log has no terminal width)
     assert json.loads((Path(runs["oom"].out) / "summary.json").read_text()) == oom  # untouched
     retry = subprocess.run(sweep_cmd(study, out, "--retry-failed"), capture_output=True,
                            text=True, timeout=300)
     assert retry.returncode == 1
-    assert "3 runs, 1 already finished, 2 to run" in " ".join(retry.stderr.split())
+    assert "3 runs, 1 already finished, 2 to run" in retry.stderr
     assert "MemoryError" in json.loads((Path(runs["oom"].out) / "summary.json").read_text())[
         "error"]  # ...unless asked: retried, and failed again for the same reason
 
