@@ -390,6 +390,8 @@ def _epoch_info(live: list[_Run], k_runs: int) -> str:
 
 def _progress(config: RunConfig, runs: int) -> Progress:
     label = f"{runs} runs " if runs > 1 else ""
+    console = Console(stderr=True)
+    # In a log (not a terminal) a line an epoch instead: rich would print every bar at the end.
     return Progress(TextColumn(label + "{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=Console(stderr=True), disable=config.quiet)
+                    console=console, disable=config.quiet or not console.is_terminal)
