@@ -58,8 +58,11 @@ def _git(folder: Path, *args: str) -> str | None:
 def source_state(package: Path = Path(__file__).parent) -> tuple[str | None, bool | None]:
     """The git commit of the code in ``package`` and whether that code differs from it (a
     tracked file changed, or a file git does not ignore added, in ``package`` itself); None
-    for each outside a git checkout. A study's run folders, untracked in its checkout while it
-    runs, are not the code that ran, and do not count."""
+    for each where git does not track the package (no checkout, or a checkout that merely
+    holds it, as a project's ignored virtual environment does). A study's run folders,
+    untracked in its checkout while it runs, are not the code that ran, and do not count."""
+    if not _git(package, "ls-files", "--", "."):
+        return None, None
     status = _git(package, "status", "--porcelain", "--", ".")
     return _git(package, "rev-parse", "HEAD"), bool(status) if status is not None else None
 

@@ -422,6 +422,13 @@ def test_the_dirty_flag_is_the_packages_code_not_the_runs_beside_it(tmp_path):
     plain = tmp_path.parent / f"{tmp_path.name}-plain"  # beside the checkout, not in one
     plain.mkdir()
     assert source_state(plain) == (None, None)
+    # Installed into a project's ignored virtual environment: that project's commit is not
+    # the package's.
+    installed = tmp_path / ".venv" / "site-packages" / "pkg"
+    installed.mkdir(parents=True)
+    (installed / "code.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    assert source_state(installed) == (None, None)
 
 
 def test_a_cpu_is_recorded_by_its_model_family_and_model(tmp_path):
