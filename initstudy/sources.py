@@ -115,6 +115,9 @@ def load_dataset(name: str, data_dir: str | None = None, strict: bool = False,
         return mnist_sample()
     dataset = from_files(name, data_dir)
     if dataset is not None:
+        if data_dir and not Path(data_dir).expanduser().exists():  # a typo, most likely
+            say_stderr(f"WARNING: the data folder {data_dir} (--data-dir) does not exist; "
+                       f"{name} was read from {dataset.source}")
         return dataset
     download = downloads_allowed() if download is None else download
     if download:

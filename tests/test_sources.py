@@ -69,6 +69,21 @@ def test_search_order_data_dir_then_env_then_cache(tmp_path, monkeypatch):
     assert dataset.official is False  # a user's own files are read, and said to be theirs
 
 
+def test_a_data_dir_that_does_not_exist_is_a_warning_naming_what_was_read(tmp_path, capsys):
+    """A misspelt --data-dir is searched, found empty, and the cache is read instead: said
+    once, on stderr, with the folder the files came from."""
+    cache = write_dataset(tmp_path / "cache" / "initstudy", n_train=40)  # XDG_CACHE_HOME
+    dataset = load_dataset("mnist", data_dir=str(tmp_path / "my-data-typo"))
+    assert dataset.source == str(cache / "MNIST" / "raw")
+    assert capsys.readouterr().err == (f"WARNING: the data folder {tmp_path / 'my-data-typo'} "
+                                       f"(--data-dir) does not exist; mnist was read from "
+                                       f"{cache / 'MNIST' / 'raw'}\n")
+    empty = tmp_path / "empty"  # exists, holds no MNIST: searched first, as documented
+    empty.mkdir()
+    assert load_dataset("mnist", data_dir=str(empty)).source == dataset.source
+    assert capsys.readouterr().err == ""
+
+
 def test_fashion_mnist_layout_and_gzip(tmp_path):
     root = write_dataset(tmp_path, folder="FashionMNIST", gz=True, n_train=60)
     dataset = load_dataset("fashion-mnist", data_dir=str(root))
