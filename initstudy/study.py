@@ -30,7 +30,7 @@ from typing import Any
 from .config import PACK_FIELDS, RunConfig, check_margin, check_tune
 from .errors import InitStudyError
 from .model import check_model
-from .results import comparisons, load_runs, study_tune
+from .results import Comparison, comparisons, load_runs, study_tune
 from .runfolder import FINISHED
 from .schemes import resolve
 from .tuning import select
@@ -147,17 +147,21 @@ def confirmed(spec: dict[str, Any], folder: Path, given: str) -> list[RunConfig]
     schemes = spec.get("schemes", spec.get("scheme", "default"))
     schemes = schemes if isinstance(schemes, list) else [schemes]
     found = {}
-    for comparison in comparisons(tuning_runs, tuple(tuned)):
+    for comparison in _confirmed_comparisons(comparisons(tuning_runs, tuple(tuned)), rest,
+                                             given):
         for sel in select(comparison):
             found.setdefault(sel.scheme, []).append((comparison, sel))
     per_scheme = []
     for scheme in schemes:
         matches = found.get(scheme, [])
         if len(matches) != 1:
+            differ = _differ([c for c, _ in matches])
             raise StudyError(
                 f"confirm: scheme {scheme} is in {len(matches)} comparisons of {given} "
                 f"(a confirmation needs exactly one); that study has "
-                f"{', '.join(sorted(found)) or 'no runs'}")
+                f"{', '.join(sorted(found)) or 'no runs'}"
+                + (f"; they differ in {', '.join(differ)}: give this study one value of it"
+                   if differ else ""))
         comparison, sel = matches[0]
         chosen = dict(zip(tuned, sel.best.values))
         record = {"study": tuning_runs[0].config.get("group") or folder.parent.name,
@@ -171,6 +175,29 @@ def confirmed(spec: dict[str, Any], folder: Path, given: str) -> list[RunConfig]
                            for c in _expand_grid(rest | {"scheme": scheme} | chosen)])
     # Seed by seed across the schemes, so that a confirmation stopped part-way is balanced.
     return [c for same_seed in zip(*per_scheme) for c in same_seed]
+
+
+def _differ(found: list[Comparison]) -> list[str]:
+    """The options in which comparisons differ: the axes that split a study."""
+    return sorted({k for c in found for k in c.key
+                   if len({json.dumps(d.key.get(k), sort_keys=True) for d in found}) > 1})
+
+
+def _confirmed_comparisons(found: list[Comparison], spec: dict[str, Any],
+                           given: str) -> list[Comparison]:
+    """The comparisons of a tuning study (in ``given``) that a confirmation ``spec`` confirms:
+    where that study's comparisons differ in an option (an axis such as the model), the ones
+    at the confirmation's own value of it. Options they share (epochs...) may differ."""
+    for option in [k for k in _differ(found) if k in spec]:
+        values = sorted({str(c.key.get(option)) for c in found})
+        if isinstance(spec[option], list):
+            raise StudyError(f"confirm: give one {option}, not a list: the comparisons of "
+                             f"{given} differ in it ({', '.join(values)})")
+        found = [c for c in found if c.key.get(option) == spec[option]]
+        if not found:
+            raise StudyError(f"confirm: {given} has no comparison at {option} = "
+                             f"{spec[option]!r}; it has {', '.join(values)}")
+    return found
 
 
 def _expand_grid(spec: dict[str, Any]) -> list[RunConfig]:

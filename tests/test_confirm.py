@@ -79,3 +79,43 @@ def test_confirmation_trains_the_chosen_settings_on_fresh_seeds(tmp_path, tiny_d
     unknown = write_study(tmp_path / "e", confirm.read_text().replace('"kaiming"]', '"xavier"]'))
     with pytest.raises(StudyError, match="scheme xavier is in 0 comparisons"):
         load_study(unknown)
+
+
+def test_a_confirmation_of_one_comparison_of_a_study_along_an_axis(tmp_path):
+    """A tuning study along an axis (depth) chose a rate per comparison: the confirmation's
+    own value of that axis picks the comparison; none, a list or an absent value is one line."""
+    from test_report import fake_run
+
+    tuning = tmp_path / "depth-runs"
+    best = {"mlp:depth=2": 0.1, "mlp:depth=10": 0.01}  # each depth's best rate on validation
+    for model, chosen in best.items():
+        for scheme in ("default", "kaiming"):
+            for lr in (0.01, 0.1):
+                for seed in (0, 1):
+                    val = 0.9 + 0.05 * (lr == chosen) + 0.001 * seed
+                    folder = fake_run(tuning, scheme, seed, [0.1, val], lr=lr, vals=[0.1, val])
+                    config = json.loads((folder / "config.json").read_text())
+                    (folder / "config.json").write_text(json.dumps(config | {"model": model}))
+                    folder.rename(tuning / f"{model.replace(':', '-')}-{folder.name}")
+    (tuning / "study.toml").write_text('name = "depth"\ntune = ["lr"]\n')
+    text = f"""
+        name = "confirm"
+        confirm = "{tuning}"
+        schemes = ["default", "kaiming"]
+        seeds = [10, 11]
+        dataset = "mnist-sample"
+        epochs = 3
+        """
+    for model, chosen in best.items():
+        runs = load_study(write_study(tmp_path / model, text + f'model = "{model}"\n')).runs
+        assert {(c.scheme, c.model, c.lr, c.seed) for c in runs} == {
+            (s, model, chosen, seed) for s in ("default", "kaiming") for seed in (10, 11)}
+        assert runs[0].chosen_by["epochs"] == 2  # the tuning study's, not this one's 3
+    with pytest.raises(StudyError, match="scheme default is in 2 comparisons .*; they differ "
+                                         "in model: give this study one value of it"):
+        load_study(write_study(tmp_path / "none", text))
+    with pytest.raises(StudyError, match="give one model, not a list"):
+        load_study(write_study(tmp_path / "list", text + 'model = ["mlp:depth=2"]\n'))
+    with pytest.raises(StudyError, match="no comparison at model = 'mlp:depth=5'; it has "
+                                         "mlp:depth=10, mlp:depth=2"):
+        load_study(write_study(tmp_path / "absent", text + 'model = "mlp:depth=5"\n'))
