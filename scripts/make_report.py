@@ -22,6 +22,9 @@ TITLES = {"mnist-sample-lenet": "A small-data sample at one learning rate, not a
           "depth-mlp": "Where the init decides whether a plain MLP trains at all: depth 2 to 50 "
                        "(ReLU) and 5 to 30 (tanh), each init at its best learning rate (full "
                        "MNIST, 1 epoch, 3 seeds)",
+          "depth-mlp-confirm": "Confirmation on fresh seeds at depth 10 (ReLU MLP, width "
+                               "256), where the default is a lottery: each init at the lr "
+                               "depth-mlp chose on validation (full MNIST, 1 epoch, 12 seeds)",
           "mnist-lenet-tuned-full": "Each init at its own best learning rate, chosen on "
                                     "validation (full MNIST, 7 schemes, 5 seeds, 10 epochs, "
                                     "TF32 on a GPU)",
