@@ -310,12 +310,17 @@ def offline_records(runs: list[RunConfig]) -> list[str]:
                    f"/wandb/offline-run-*" for c in runs if wandb_mode(c.wandb) == "offline"})
 
 
+def _varying(runs: list[RunConfig], aside: tuple[str, ...] = ("seed",)) -> list[str]:
+    """The study options that differ between ``runs``, those ``aside`` aside."""
+    return [f for f in STUDY_OPTIONS if f not in aside
+            and len({json.dumps(getattr(c, f)) for c in runs}) > 1]
+
+
 def plan_table(runs: list[RunConfig]):
     """The runs of a plan with what varies between them and their current status."""
     from rich.table import Table
 
-    varying = [f for f in STUDY_OPTIONS
-               if len({json.dumps(getattr(c, f)) for c in runs}) > 1 and f != "seed"]
+    varying = _varying(runs)
     table = Table(title=f"{len(runs)} runs")
     for column in ("run id", *varying, "seed", "status"):
         table.add_column(column)
@@ -326,22 +331,42 @@ def plan_table(runs: list[RunConfig]):
 
 
 def summary_table(runs: list[RunConfig]):
-    """Per scheme: how many runs ended how, and the final test accuracy over finished ones."""
+    """Per scheme: how many runs ended how and, where its runs share one setting (they differ
+    only by seed), the mean ± std over seeds of their final accuracies. A scheme over a grid
+    gets its number of settings instead: a mean across settings means nothing, and choosing
+    one (on validation) is the report's job."""
     from rich.table import Table
 
-    table = Table(title="study summary")
-    for column in ("scheme", "runs", "ok", "diverged", "failed", "not done", "test/acc"):
-        table.add_column(column, justify="left" if column == "scheme" else "right")
-    by_scheme: dict[str, list[dict[str, Any]]] = {}
+    varying = _varying(runs, aside=("seed", "scheme"))
+    by_scheme: dict[str, list[RunConfig]] = {}
     for config in runs:
-        by_scheme.setdefault(config.scheme, []).append(_summary(config))
-    for scheme, summaries in by_scheme.items():
+        by_scheme.setdefault(config.scheme, []).append(config)
+    rows, grid = [], False
+    for scheme, configs in by_scheme.items():
+        summaries = [_summary(c) for c in configs]
         statuses = [s.get("status", "pending") for s in summaries]
-        accs = [s["test/acc"] for s in summaries if s.get("status") in FINISHED]
-        acc = (f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}" if len(accs) > 1
-               else f"{accs[0]:.4f}" if accs else "-")
+        settings = len({json.dumps([getattr(c, f) for f in varying]) for c in configs})
+        grid |= settings > 1
+        accs = ([f"{settings} settings", "-"] if settings > 1 else
+                [_spread([s.get(key) for s in summaries if s.get("status") in FINISHED])
+                 for key in ("val/acc", "test/acc")])
         not_done = sum(st not in (*FINISHED, "failed") for st in statuses)
-        table.add_row(scheme, str(len(statuses)), str(statuses.count("ok")),
-                      str(statuses.count("diverged")), str(statuses.count("failed")),
-                      str(not_done), acc)
+        rows.append([scheme, str(len(statuses)), str(statuses.count("ok")),
+                     str(statuses.count("diverged")), str(statuses.count("failed")),
+                     str(not_done), *accs])
+    table = Table(title="study summary", caption=(
+        f"a scheme over several settings of {', '.join(varying)}: its accuracy at the one "
+        f"chosen on validation is in `initstudy report`") if grid else None)
+    for column in ("scheme", "runs", "ok", "diverged", "failed", "not done", "val/acc",
+                   "test/acc"):
+        table.add_column(column, justify="left" if column == "scheme" else "right")
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def _spread(values: list[float | None]) -> str:
+    """``mean ± std`` of the numbers among ``values`` (one number alone; "-" for none)."""
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return (f"{statistics.mean(numbers):.4f} ± {statistics.stdev(numbers):.4f}"
+            if len(numbers) > 1 else f"{numbers[0]:.4f}" if numbers else "-")

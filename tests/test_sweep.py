@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from initstudy import RunConfig
 from initstudy.cli import app
 from initstudy.study import StudyError, expand, load_study, plan, status
-from initstudy.sweep import StudyETA, SweepProgress, cpu_slots, gpu_slots, recorded_pace
+from initstudy.sweep import (StudyETA, SweepProgress, cpu_slots, gpu_slots, recorded_pace,
+                             summary_table)
 
 from helpers import sweep_cmd, tiny_study, wait_for, write_study
 
@@ -273,6 +274,28 @@ def test_the_recorded_pace_is_the_finished_runs_median_wall_over_the_runs_at_onc
     assert recorded_pace(runs, at_once=1) == 900.0
     assert recorded_pace(runs, at_once=2) == 450.0  # two slots, or a pack of two
     assert recorded_pace(runs[3:], at_once=1) is None  # nothing finished: nothing to go by
+
+
+def test_the_summary_never_pools_accuracy_across_a_schemes_settings(tmp_path):
+    # kaiming over a grid of two lrs, xavier at one lr: only xavier's seeds are averaged.
+    runs = [RunConfig(scheme=scheme, lr=lr, seed=seed, out=str(tmp_path / f"{scheme}-{lr}-{seed}"))
+            for scheme, lrs in (("kaiming", (0.01, 0.1)), ("xavier", (0.01,)))
+            for lr in lrs for seed in (0, 1)]
+    accs = {("kaiming", 0.01): (0.98, 0.97), ("kaiming", 0.1): (0.11, 0.12),
+            ("xavier", 0.01): (0.98, 0.96)}
+    for config in runs:
+        Path(config.out).mkdir()
+        acc = accs[config.scheme, config.lr][config.seed]
+        (Path(config.out) / "summary.json").write_text(json.dumps(
+            {"status": "ok", "val/acc": acc, "test/acc": acc - 0.01}))
+    console = Console(file=io.StringIO(), width=200)
+    console.print(summary_table(runs))
+    lines = console.file.getvalue().splitlines()
+    kaiming = next(line for line in lines if "kaiming" in line)
+    xavier = next(line for line in lines if "xavier" in line)
+    assert "2 settings" in kaiming and "0.5" not in kaiming  # no mean of 0.98 and 0.11
+    assert "0.9700 ± 0.0141" in xavier and "0.9600 ± 0.0141" in xavier
+    assert "several settings of lr" in console.file.getvalue()
 
 
 def workers_of(out: Path) -> list[int]:
