@@ -25,6 +25,10 @@ TITLES = {"mnist-sample-lenet": "A small-data sample at one learning rate, not a
           "depth-mlp-confirm": "Confirmation on fresh seeds at depth 10 (ReLU MLP, width "
                                "256), where the default is a lottery: each init at the lr "
                                "depth-mlp chose on validation (full MNIST, 1 epoch, 12 seeds)",
+          "depth-mlp-confirm-d30": "Confirmation on fresh seeds at depth 30 (ReLU MLP, width "
+                                   "256), where Xavier was inconclusive: each init at the lr "
+                                   "depth-mlp chose on validation (full MNIST, 1 epoch, 20 "
+                                   "seeds)",
           "mnist-lenet-tuned-full": "Each init at its own best learning rate, chosen on "
                                     "validation (full MNIST, 7 schemes, 5 seeds, 10 epochs, "
                                     "TF32 on a GPU)",
