@@ -88,6 +88,15 @@ def test_a_bad_scheme_fails_the_dry_run_before_anything_is_listed(tmp_path):
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_committed_study_file_plans(path):
+    # A study of the repository loads with its checks (a confirmation's tuning runs read,
+    # its seeds disjoint from theirs), so a typo is found here and not hours into a sweep.
+    study = load_study(path, root=REPO)
+    assert study.runs and study.name == path.stem
+
+
 def test_bad_study_file_names_the_file(tmp_path):
     path = write_study(tmp_path, "name = 'x'\nschemes = [\n")
     with pytest.raises(StudyError, match=str(path)):
