@@ -112,11 +112,6 @@ def idx_bytes(array) -> bytes:
     return struct.pack(f">I{array.ndim}I", 0x0800 + array.ndim, *array.shape) + array.tobytes()
 
 
-def read_idx(path: Path, kind: str) -> torch.Tensor:
-    """Read one IDX file (``kind`` "images" or "labels"), fully validated (``parse_idx``)."""
-    return parse_idx(read_bytes(path), kind, path)
-
-
 def parse_idx(data: bytes, kind: str, path: Path | str) -> torch.Tensor:
     """The tensor in an IDX file's bytes: uint8 images or int64 labels.
 

@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from initstudy.data import (FILES, VAL_SPLIT_SEED, batches, default_val_size, mnist_sample,
-                            normalise, read_idx, read_idx_folder, stratified_split)
+                            normalise, parse_idx, read_bytes, read_idx_folder,
+                            stratified_split)
 from initstudy.sources import load_dataset
 from initstudy.errors import DataError
 
 from helpers import make_digits, write_dataset, write_idx
+
+
+def read_idx(path: Path, kind: str) -> torch.Tensor:
+    """One IDX file read as the package reads each file of a folder."""
+    return parse_idx(read_bytes(path), kind, path)
 
 
 @pytest.mark.parametrize("gz", [False, True])
