@@ -214,6 +214,10 @@ def report(
                          wandb=None if wandb is None else report_wandb_mode(wandb))
     typer.echo(f"wrote {readme}, {out / 'report.html'}, {out / 'results.csv'}, "
                f"{out / 'figures'}/")
+    offline = sorted((out / "wandb").glob("offline-run-*")) if wandb else []
+    if offline:  # one report run per folder: the dashboard makes it anew each time
+        typer.echo(f"W&B: the report was logged offline, to {offline[-1]}; upload it with "
+                   f"`wandb sync {offline[-1]}` (after `wandb login`)", err=True)
 
 
 def _gpu_list(text: Optional[str]) -> Optional[list[int]]:

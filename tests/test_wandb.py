@@ -200,6 +200,7 @@ def test_a_report_logs_its_conclusion_as_one_wandb_run(tmp_path):
                                           "--wandb", "offline"])
         assert result.exit_code == 0, result.output
     (run_dir,) = (out / "wandb").glob("offline-run-*")
+    assert f"upload it with `wandb sync {run_dir}`" in result.stderr
     records = inspect(out)
     run = records["run"][0]
     assert run["run_group"] == "tiny-study" and run["job_type"] == "report"
