@@ -194,7 +194,7 @@ def _finish(worker: Worker, ended_as: str = "failed") -> list[str]:
 def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | None = None,
           jobs_per_gpu: int = 1, workers: int | None = None, retry_failed: bool = False,
           pack: int = 1, slurm: dict[str, Any] | None = None,
-          overrides: dict[str, Any] | None = None, console=None) -> dict[str, int]:
+          overrides: dict[str, Any] | None = None) -> dict[str, int]:
     """Run every unfinished run of ``study`` into ``out`` and return the count of each status.
 
     ``backend`` "local": on ``gpus`` (default: all visible) with ``jobs_per_gpu`` workers each,
@@ -205,7 +205,9 @@ def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | Non
     """
     from rich.console import Console
 
-    console = console or Console(stderr=True)
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log (nohup, Slurm): rich's 80 columns would wrap the summary
+        console.width = 120
     lock = OutLock(out)  # noqa: F841 (held until the sweep returns)
     (out / "study.toml").write_text(study.source)  # provenance for reports
     runs = plan(study, out, **(overrides or {}))

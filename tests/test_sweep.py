@@ -165,6 +165,8 @@ def test_real_small_sweep_end_to_end_with_wandb_offline(tmp_path, tiny_data, mon
                             text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "study summary" in result.stderr and "4/4" in result.stderr
+    # a log is 120 columns wide: each scheme's row, both means ± std, is one line
+    assert re.search(r"│ default .* \d\.\d{4} ± \d\.\d{4} │ +\d\.\d{4} ± \d\.\d{4} │", result.stderr)
     last = result.stderr.strip().splitlines()[-1]  # how to upload the whole study
     assert last.startswith("W&B: the runs were mirrored offline, to ")
     assert f"`wandb sync {out}/*/wandb/offline-run-*`" in last
