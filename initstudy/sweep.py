@@ -277,8 +277,9 @@ class SweepProgress:
             self.progress.update(self.task, advance=1,
                                  ended_at=self.progress.tasks[self.task].elapsed)
             summary = _summary(config)
-            acc = summary.get("test/acc")
-            detail = f"test/acc {acc:.4f}" if isinstance(acc, float) else summary.get("error", "")
+            # validation first, as `initstudy run` prints it: the split anything is chosen on
+            detail = "  ".join(f"{key} {summary[key]:.4f}" for key in ("val/acc", "test/acc")
+                               if isinstance(summary.get(key), float)) or summary.get("error", "")
             # The count and time left on the line too: a sweep's log (nohup, Slurm) has no bar.
             # One line however long (an error's text), read as text, not rich markup.
             task = self.progress.tasks[self.task]

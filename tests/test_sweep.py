@@ -271,6 +271,11 @@ def test_a_studys_eta_is_its_own_pace_counting_down_between_runs(tmp_path):
     line = log.getvalue().splitlines()[-1]  # one line, wider than the console's 80 columns
     assert line.startswith(f"  failed  {config.run_id}  RuntimeError: [/bold] not rich markup")
     assert re.search(r"x  \(3/3, ETA \d:\d\d:\d\d\)$", line)
+    (config.run_dir / "summary.json").write_text(json.dumps(
+        {"status": "ok", "val/acc": 0.9856, "test/acc": 0.9876}))
+    sweep.report("end", config, "ok")
+    line = log.getvalue().splitlines()[-1]
+    assert line.startswith(f"      ok  {config.run_id}  val/acc 0.9856  test/acc 0.9876  (")
 
 
 def test_the_recorded_pace_is_the_finished_runs_median_wall_over_the_runs_at_once(tmp_path):
