@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -231,11 +231,8 @@ def sweep(study: Study, out: Path, backend: str = "local", gpus: list[int] | Non
             wait_slurm(jobs, todo, progress.report)
         else:
             run_local(packs(todo, pack), slots, progress.report)
-    counts: dict[str, int] = {}
-    for config in runs:
-        counts[status(config)] = counts.get(status(config), 0) + 1
     console.print(summary_table(runs))
-    return counts
+    return dict(Counter(status(c) for c in runs))
 
 
 def recorded_pace(runs: list[RunConfig], at_once: int) -> float | None:
@@ -341,30 +338,27 @@ def summary_table(runs: list[RunConfig]):
     from rich.table import Table
 
     varying = _varying(runs, aside=("seed", "scheme"))
+    table = Table(title="study summary")
+    for column in ("scheme", "runs", "ok", "diverged", "failed", "not done", "val/acc",
+                   "test/acc"):
+        table.add_column(column, justify="left" if column == "scheme" else "right")
     by_scheme: dict[str, list[RunConfig]] = {}
     for config in runs:
         by_scheme.setdefault(config.scheme, []).append(config)
-    rows, grid = [], False
     for scheme, configs in by_scheme.items():
         summaries = [_summary(c) for c in configs]
         statuses = [s.get("status", "pending") for s in summaries]
         settings = len({json.dumps([getattr(c, f) for f in varying]) for c in configs})
-        grid |= settings > 1
+        if settings > 1:
+            table.caption = (f"a scheme over several settings of {', '.join(varying)}: its "
+                             f"accuracy at the one chosen on validation is in `initstudy report`")
         accs = ([f"{settings} settings", "-"] if settings > 1 else
                 [_spread([s.get(key) for s in summaries if s.get("status") in FINISHED])
                  for key in ("val/acc", "test/acc")])
         not_done = sum(st not in (*FINISHED, "failed") for st in statuses)
-        rows.append([scheme, str(len(statuses)), str(statuses.count("ok")),
-                     str(statuses.count("diverged")), str(statuses.count("failed")),
-                     str(not_done), *accs])
-    table = Table(title="study summary", caption=(
-        f"a scheme over several settings of {', '.join(varying)}: its accuracy at the one "
-        f"chosen on validation is in `initstudy report`") if grid else None)
-    for column in ("scheme", "runs", "ok", "diverged", "failed", "not done", "val/acc",
-                   "test/acc"):
-        table.add_column(column, justify="left" if column == "scheme" else "right")
-    for row in rows:
-        table.add_row(*row)
+        table.add_row(scheme, str(len(statuses)), str(statuses.count("ok")),
+                      str(statuses.count("diverged")), str(statuses.count("failed")),
+                      str(not_done), *accs)
     return table
 
 
